@@ -1,0 +1,22 @@
+/* SPDX-License-Identifier: (Apache-2.0 OR GPL-2.0-only) */
+/*
+ * Load-time configuration. A `volatile const` global lives in .rodata, which
+ * the loader patches before the verifier runs (aya: EbpfLoader::override_global
+ * "CONFIG_FEATURES"). The verifier then treats it as a constant and prunes the
+ * branches of disabled features, so a kernel without a helper never sees a
+ * call to it as long as its bit is clear.
+ */
+#ifndef MEMBRANE_CONFIG_H
+#define MEMBRANE_CONFIG_H
+
+#include "common.h"
+
+/* FEATURE_* bits from common.h. Default: nothing, i.e. every packet goes to the stack. */
+volatile const __u32 CONFIG_FEATURES = 0;
+
+static __always_inline int feature_enabled(__u32 feature)
+{
+	return (CONFIG_FEATURES & feature) != 0;
+}
+
+#endif /* MEMBRANE_CONFIG_H */

@@ -1,0 +1,57 @@
+/* SPDX-License-Identifier: (Apache-2.0 OR GPL-2.0-only) */
+/*
+ * Events for userspace (ring buffer of struct trace_event) and the single
+ * place where a packet is dropped, so every drop is both counted and reported
+ * with its reason.
+ */
+#ifndef MEMBRANE_TRACE_H
+#define MEMBRANE_TRACE_H
+
+#include <linux/bpf.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+
+#include "common.h"
+#include "metrics.h"
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, EVENTS_RINGBUF_SIZE);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mb_events SEC(".maps");
+
+static __always_inline void emit_event(struct __sk_buff *ctx, __u8 type, __u8 source,
+				       __u16 reason, const struct ct_key *tuple)
+{
+	struct trace_event ev = {
+		.ts_ns = bpf_ktime_get_ns(),
+		.type = type,
+		.source = source,
+		.reason = reason,
+		.ifindex = ctx->ifindex,
+		.pkt_len = ctx->len,
+	};
+
+	if (tuple)
+		ev.tuple = *tuple;
+	/* A full ring buffer loses the event, never the packet. */
+	bpf_ringbuf_output(&mb_events, &ev, sizeof(ev), 0);
+}
+
+/* Count, report and drop. Returns the verdict to hand back to tc. */
+static __always_inline int drop_packet(struct __sk_buff *ctx, __u8 source, __u16 reason,
+				       const struct ct_key *tuple)
+{
+	metric_inc(METRIC_DROP_BASE + (reason & DROP_REASON_MAX), ctx->len);
+	emit_event(ctx, EVENT_DROP, source, reason, tuple);
+	return TC_ACT_SHOT;
+}
+
+/* Hand the packet to the network stack. */
+static __always_inline int pass_to_stack(struct __sk_buff *ctx)
+{
+	metric_inc(METRIC_PASS, ctx->len);
+	return TC_ACT_OK;
+}
+
+#endif /* MEMBRANE_TRACE_H */

@@ -1,0 +1,67 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The eBPF datapath: loads the C programs of `node-datapath/bpf/`, attaches
+//! them with tcx, owns their maps, and reports what they see. This module is
+//! the only place with raw aya calls; everything it exposes is plain Rust.
+//!
+//! Code map:
+//! - `abi`: `#[repr(C)]` mirrors of `bpf/lib/common.h` (layout-tested against the C).
+//! - `types`: the public, typed view (endpoints, flows, metrics, events).
+//! - `datapath`: [`Datapath`]: load, attach/adopt/detach, endpoint map, ct, counters.
+//! - `events`: ring buffer readers (blocking and tokio).
+//! - `features`: kernel feature probes.
+//! - `bpffs`: [`ensure_bpffs`].
+//!
+//! Invariants:
+//! - Maps are pinned by name under `<pin_dir>/v<LAYOUT_VERSION>/`: both
+//!   objects (lxc, host) share them, and they outlive the agent.
+//! - Every tcx link is pinned under `<pin_dir>/links/<hook>_ingress_<ifindex>`;
+//!   a new agent swaps its program into the pinned link (`attach_to_link`),
+//!   so restarts never leave an interface without a program.
+//! - Interface indexes are those of the calling thread's network namespace
+//!   (the node's).
+
+mod abi;
+mod bpffs;
+mod datapath;
+mod error;
+mod events;
+mod features;
+mod types;
+
+use std::fmt;
+
+pub use abi::LAYOUT_VERSION;
+pub use bpffs::{BPFFS_PATH, ensure_bpffs};
+pub use datapath::{AttachMode, Datapath, DatapathOptions, TestRunOutput};
+pub use error::{AttachError, Error};
+pub use events::{AsyncEventReader, EventReader};
+pub use features::{Features, probe_features};
+pub use types::{
+    Counter, CtDirection, CtEntry, DatapathEvent, DropReason, EndpointInfo, EventKind, Flow,
+    InvalidMac, MacAddr, Metrics, ObservationPoint, TcVerdict,
+};
+
+/// An attach point of the datapath.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Hook {
+    /// `bpf_lxc`: tc ingress of a pod's node-side veth (traffic leaving the pod).
+    Lxc,
+    /// `bpf_host`: tc ingress of the node's underlay device.
+    Host,
+}
+
+impl fmt::Display for Hook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Lxc => "lxc",
+            Self::Host => "host",
+        })
+    }
+}
+
+/// The compiled objects, built by `build.rs` from `bpf/*.c`.
+mod objects {
+    pub(super) static LXC: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_lxc.o"));
+    pub(super) static HOST: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_host.o"));
+    pub(super) static PROBE: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe.o"));
+}

@@ -1,0 +1,365 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The plain Rust types the datapath API speaks: host byte order, std
+//! addresses, enums instead of codes. Conversions from/to the wire types of
+//! `abi.rs` live here too.
+
+use std::{collections::BTreeMap, fmt, net::Ipv4Addr, str::FromStr};
+
+use super::abi::{self, CtEntryRaw, CtKeyRaw, EndpointInfoRaw, MetricValueRaw, TraceEventRaw};
+
+/// An Ethernet address.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MacAddr(pub [u8; 6]);
+
+/// What the datapath needs to deliver packets to one local pod.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointInfo {
+    /// The node-side veth (`lxc*`) in the node's network namespace.
+    pub ifindex: u32,
+    /// MAC of `eth0` inside the pod (destination of delivered frames).
+    pub pod_mac: MacAddr,
+    /// MAC of the node-side veth (source of delivered frames: the pod's gateway).
+    pub node_mac: MacAddr,
+    /// Agent-assigned endpoint id.
+    pub endpoint_id: u32,
+    /// Security identity; 0 until policy exists.
+    pub identity: u32,
+    /// Reserved for per-endpoint datapath flags; 0 today.
+    pub flags: u32,
+}
+
+/// Direction (hook) in which a tracked connection was first seen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CtDirection {
+    /// Leaving a pod (`bpf_lxc`).
+    Egress,
+    /// Entering a pod (reserved for policy).
+    Ingress,
+}
+
+/// An IPv4 5-tuple with the direction of the hook that saw it. For ICMP echo
+/// both ports hold the echo id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Flow {
+    pub saddr: Ipv4Addr,
+    pub daddr: Ipv4Addr,
+    pub sport: u16,
+    pub dport: u16,
+    /// IP protocol number (6 TCP, 17 UDP, 1 ICMP).
+    pub proto: u8,
+    pub direction: CtDirection,
+}
+
+/// Connection tracking state of one flow.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtEntry {
+    /// `CLOCK_MONOTONIC` nanoseconds.
+    pub created_ns: u64,
+    pub last_seen_ns: u64,
+    pub packets_fwd: u64,
+    pub bytes_fwd: u64,
+    pub packets_rev: u64,
+    pub bytes_rev: u64,
+    /// Union of TCP flags seen in each direction.
+    pub tcp_flags_fwd: u8,
+    pub tcp_flags_rev: u8,
+    /// A reply has been seen.
+    pub seen_reply: bool,
+}
+
+/// A packet and byte count.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Why the datapath dropped a packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DropReason {
+    /// Truncated or malformed IPv4 sent by a pod.
+    Invalid,
+    /// No connection tracking entry could be created.
+    CtFull,
+    /// TTL would expire on the routed hop.
+    TtlExceeded,
+    /// A packet-rewrite helper failed.
+    RewriteFailed,
+    /// A code this build does not know (a newer datapath).
+    Other(u16),
+}
+
+/// Counters summed over all CPUs since the maps were created (they are
+/// pinned, so they survive agent restarts).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Metrics {
+    /// Packets seen leaving pods.
+    pub lxc_rx: Counter,
+    /// Packets seen on the underlay ingress.
+    pub host_rx: Counter,
+    /// Handed to the node's stack.
+    pub passed: Counter,
+    pub redirect_peer: Counter,
+    pub redirect_neigh: Counter,
+    pub ct_new: Counter,
+    pub ct_established: Counter,
+    pub ct_reply: Counter,
+    /// Only reasons with a non-zero count.
+    pub drops: BTreeMap<DropReason, Counter>,
+}
+
+impl Metrics {
+    /// Every packet delivered straight to a pod, whichever helper did it.
+    pub fn redirected(&self) -> u64 {
+        self.redirect_peer.packets + self.redirect_neigh.packets
+    }
+
+    /// Packets dropped for any reason.
+    pub fn dropped(&self) -> u64 {
+        self.drops.values().map(|c| c.packets).sum()
+    }
+}
+
+/// Where in the datapath an event was observed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ObservationPoint {
+    /// `bpf_lxc`: leaving a pod.
+    Lxc,
+    /// `bpf_host`: arriving on the underlay.
+    Host,
+    Other(u8),
+}
+
+/// What happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// The first packet of a new connection.
+    NewConnection,
+    Drop(DropReason),
+    Other(u8),
+}
+
+/// One record from the datapath's event ring buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DatapathEvent {
+    pub kind: EventKind,
+    pub source: ObservationPoint,
+    /// Interface the packet arrived on.
+    pub ifindex: u32,
+    pub pkt_len: u32,
+    /// `CLOCK_MONOTONIC` nanoseconds.
+    pub ts_ns: u64,
+    /// `None` when the packet could not be parsed.
+    pub flow: Option<Flow>,
+}
+
+/// A tc verdict as returned by a datapath program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcVerdict {
+    /// `TC_ACT_OK`: continue into the stack.
+    Ok,
+    /// `TC_ACT_SHOT`: dropped.
+    Shot,
+    /// `TC_ACT_REDIRECT`: redirected by a `bpf_redirect*` helper.
+    Redirect,
+    Other(i32),
+}
+
+// === impl MacAddr ===
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+}
+
+/// A MAC address that is not six `:`-separated hex bytes.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid MAC address `{0}`")]
+pub struct InvalidMac(pub String);
+
+impl FromStr for MacAddr {
+    type Err = InvalidMac;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut out = [0u8; 6];
+        let mut parts = s.split(':');
+        for byte in &mut out {
+            let part = parts.next().ok_or_else(|| InvalidMac(s.to_owned()))?;
+            if part.len() != 2 {
+                return Err(InvalidMac(s.to_owned()));
+            }
+            *byte = u8::from_str_radix(part, 16).map_err(|_| InvalidMac(s.to_owned()))?;
+        }
+        if parts.next().is_some() {
+            return Err(InvalidMac(s.to_owned()));
+        }
+        Ok(Self(out))
+    }
+}
+
+// === conversions from/to the wire types ===
+
+impl From<&EndpointInfo> for EndpointInfoRaw {
+    fn from(e: &EndpointInfo) -> Self {
+        let EndpointInfo { ifindex, pod_mac, node_mac, endpoint_id, identity, flags } = *e;
+        Self { ifindex, endpoint_id, identity, flags, pod_mac: pod_mac.0, node_mac: node_mac.0, pad: [0; 4] }
+    }
+}
+
+impl From<EndpointInfoRaw> for EndpointInfo {
+    fn from(r: EndpointInfoRaw) -> Self {
+        Self {
+            ifindex: r.ifindex,
+            pod_mac: MacAddr(r.pod_mac),
+            node_mac: MacAddr(r.node_mac),
+            endpoint_id: r.endpoint_id,
+            identity: r.identity,
+            flags: r.flags,
+        }
+    }
+}
+
+impl From<CtKeyRaw> for Flow {
+    fn from(k: CtKeyRaw) -> Self {
+        Self {
+            saddr: Ipv4Addr::from(k.saddr),
+            daddr: Ipv4Addr::from(k.daddr),
+            sport: u16::from_be_bytes(k.sport),
+            dport: u16::from_be_bytes(k.dport),
+            proto: k.proto,
+            direction: if k.dir == abi::CT_INGRESS { CtDirection::Ingress } else { CtDirection::Egress },
+        }
+    }
+}
+
+impl From<CtEntryRaw> for CtEntry {
+    fn from(e: CtEntryRaw) -> Self {
+        Self {
+            created_ns: e.created_ns,
+            last_seen_ns: e.last_seen_ns,
+            packets_fwd: e.packets_fwd,
+            bytes_fwd: e.bytes_fwd,
+            packets_rev: e.packets_rev,
+            bytes_rev: e.bytes_rev,
+            tcp_flags_fwd: e.tcp_flags_fwd,
+            tcp_flags_rev: e.tcp_flags_rev,
+            seen_reply: e.flags & abi::CT_F_SEEN_REPLY != 0,
+        }
+    }
+}
+
+impl From<MetricValueRaw> for Counter {
+    fn from(v: MetricValueRaw) -> Self {
+        Self { packets: v.packets, bytes: v.bytes }
+    }
+}
+
+impl std::ops::AddAssign for Counter {
+    fn add_assign(&mut self, rhs: Self) {
+        self.packets += rhs.packets;
+        self.bytes += rhs.bytes;
+    }
+}
+
+impl DropReason {
+    pub(crate) fn from_code(code: u16) -> Self {
+        match code {
+            abi::DROP_INVALID => Self::Invalid,
+            abi::DROP_CT_FULL => Self::CtFull,
+            abi::DROP_TTL_EXCEEDED => Self::TtlExceeded,
+            abi::DROP_REWRITE_FAILED => Self::RewriteFailed,
+            other => Self::Other(other),
+        }
+    }
+}
+
+impl Metrics {
+    /// Builds from per-slot sums indexed like `enum metric`.
+    pub(crate) fn from_slots(slots: &[Counter]) -> Self {
+        let at = |i: u32| slots.get(i as usize).copied().unwrap_or_default();
+        let drops = (1..=abi::DROP_REASON_MAX)
+            .map(|code| (DropReason::from_code(code), at(abi::METRIC_DROP_BASE + u32::from(code))))
+            .filter(|(_, c)| c.packets > 0)
+            .collect();
+        Self {
+            lxc_rx: at(abi::METRIC_LXC_RX),
+            host_rx: at(abi::METRIC_HOST_RX),
+            passed: at(abi::METRIC_PASS),
+            redirect_peer: at(abi::METRIC_REDIRECT_PEER),
+            redirect_neigh: at(abi::METRIC_REDIRECT_NEIGH),
+            ct_new: at(abi::METRIC_CT_NEW),
+            ct_established: at(abi::METRIC_CT_ESTABLISHED),
+            ct_reply: at(abi::METRIC_CT_REPLY),
+            drops,
+        }
+    }
+}
+
+impl From<TraceEventRaw> for DatapathEvent {
+    fn from(r: TraceEventRaw) -> Self {
+        let kind = match r.kind {
+            abi::EVENT_TRACE_NEW_CONN => EventKind::NewConnection,
+            abi::EVENT_DROP => EventKind::Drop(DropReason::from_code(r.reason)),
+            other => EventKind::Other(other),
+        };
+        let source = match r.source {
+            abi::OBS_LXC => ObservationPoint::Lxc,
+            abi::OBS_HOST => ObservationPoint::Host,
+            other => ObservationPoint::Other(other),
+        };
+        let flow = (r.tuple != CtKeyRaw::default()).then(|| Flow::from(r.tuple));
+        Self { kind, source, ifindex: r.ifindex, pkt_len: r.pkt_len, ts_ns: r.ts_ns, flow }
+    }
+}
+
+impl TcVerdict {
+    pub(crate) fn from_code(code: i32) -> Self {
+        match code {
+            abi::TC_ACT_OK => Self::Ok,
+            abi::TC_ACT_SHOT => Self::Shot,
+            abi::TC_ACT_REDIRECT => Self::Redirect,
+            other => Self::Other(other),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mac_address_round_trips_through_its_text_form() {
+        let mac: MacAddr = "02:00:0a:c8:01:ff".parse().expect("valid");
+        assert_eq!(mac, MacAddr([2, 0, 0x0a, 0xc8, 1, 0xff]));
+        assert_eq!(mac.to_string(), "02:00:0a:c8:01:ff");
+        for bad in ["", "02:00", "02:00:0a:c8:01:ff:00", "0g:00:0a:c8:01:ff", "2:00:0a:c8:01:ff"] {
+            assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn metrics_report_only_drop_reasons_that_happened() {
+        let mut slots = vec![Counter::default(); abi::METRIC_MAX as usize];
+        slots[abi::METRIC_REDIRECT_PEER as usize] = Counter { packets: 3, bytes: 300 };
+        slots[(abi::METRIC_DROP_BASE + u32::from(abi::DROP_INVALID)) as usize] = Counter { packets: 2, bytes: 40 };
+        let m = Metrics::from_slots(&slots);
+        assert_eq!(m.redirected(), 3);
+        assert_eq!(m.dropped(), 2);
+        assert_eq!(m.drops.keys().copied().collect::<Vec<_>>(), vec![DropReason::Invalid]);
+    }
+
+    #[test]
+    fn an_endpoint_survives_the_trip_to_the_wire_type_and_back() {
+        let e = EndpointInfo {
+            ifindex: 7,
+            pod_mac: MacAddr([2, 0, 0, 0, 0, 1]),
+            node_mac: MacAddr([2, 0, 0, 0, 0, 2]),
+            endpoint_id: 42,
+            identity: 0,
+            flags: 0,
+        };
+        assert_eq!(EndpointInfo::from(EndpointInfoRaw::from(&e)), e);
+    }
+}

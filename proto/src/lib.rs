@@ -1,0 +1,39 @@
+//! Generated Rust types and gRPC stubs for Membrane's `.proto` contracts.
+//!
+//! This is the only crate that contains generated code. Services convert these
+//! types into their domain types at their gRPC edge (`TryFrom`), so nothing
+//! beyond a service's `grpc` module sees them.
+#![allow(missing_docs, clippy::all)]
+
+/// `membrane.common.v1`
+pub mod common {
+    pub mod v1 {
+        tonic::include_proto!("membrane.common.v1");
+    }
+}
+
+/// `membrane.stream.v1`: the desired-state stream.
+pub mod stream {
+    pub mod v1 {
+        tonic::include_proto!("membrane.stream.v1");
+    }
+}
+
+/// `membrane.objects.v1`: `membrane apply` / `delete` / `get`.
+pub mod objects {
+    pub mod v1 {
+        tonic::include_proto!("membrane.objects.v1");
+    }
+}
+
+/// `membrane.ipam.v1`
+pub mod ipam {
+    pub mod v1 {
+        tonic::include_proto!("membrane.ipam.v1");
+    }
+}
+
+/// The type URL prost uses for a message packed into `google.protobuf.Any`.
+pub fn type_url<M: prost::Name>() -> String {
+    M::type_url()
+}
