@@ -30,7 +30,7 @@ pub async fn serve<F>(
     shutdown: F,
 ) -> anyhow::Result<()>
 where
-    F: Future<Output = ()> + Send,
+    F: Future<Output = ()> + Send + 'static,
 {
     let (reporter, health) = tonic_health::server::health_reporter();
     for name in health_names.iter().copied().chain([""]) {
@@ -44,13 +44,34 @@ where
             .tls_config(tls.server_config()?)
             .context("configure server tls")?;
     }
-    builder
+    // Long-lived streams (desired state, flows) never finish by themselves:
+    // after the shutdown signal, in-flight calls get a grace period, then the
+    // server stops regardless.
+    let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
+    let signal = async move {
+        shutdown.await;
+        let _ = fired_tx.send(());
+    };
+    let server = builder
         .add_routes(routes.add_service(health))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await
-        .context("grpc server")?;
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+    tokio::pin!(server);
+    let grace = async {
+        if fired_rx.await.is_ok() {
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        r = &mut server => r.context("grpc server")?,
+        _ = grace => tracing::info!("grace period over; closing remaining streams"),
+    }
     Ok(())
 }
+
+/// How long in-flight calls may run after the shutdown signal.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// A span per RPC, child of the caller's span when it sent `traceparent`.
 fn rpc_span(req: &http::Request<()>) -> tracing::Span {

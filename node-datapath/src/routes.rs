@@ -1,0 +1,219 @@
+//! Direct routing between nodes: for every other node, a kernel route to its
+//! pod CIDR via its underlay address. Desired routes come from IPAM's
+//! `node/<name>` resources; only routes tagged with Membrane's protocol
+//! number are ever changed, so routes that others installed are left alone.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use membrane_proto::ipam::v1 as ipam;
+use membrane_runtime::stream::StateSink;
+use prost_types::Any;
+
+/// Route protocol number that marks routes Membrane owns (`ip route ... proto 186`).
+pub const ROUTE_PROTO: u8 = 186;
+
+/// A route to a pod CIDR.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PodRoute {
+    /// Destination pod CIDR.
+    pub cidr: Ipv4Net,
+    /// Next hop: the other node's underlay address.
+    pub via: Ipv4Addr,
+}
+
+/// Errors programming routes.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    /// `ip` failed.
+    #[error("`{command}` failed: {stderr}")]
+    Command {
+        /// The command line.
+        command: String,
+        /// What it printed.
+        stderr: String,
+    },
+    /// A resource did not decode.
+    #[error("resource `{key}`: {reason}")]
+    BadResource {
+        /// The resource key.
+        key: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The kernel's route table, as far as Membrane's routes go.
+pub trait RouteTable: Send + 'static {
+    /// Membrane's routes now installed.
+    fn list(&mut self) -> Result<BTreeSet<PodRoute>, RouteError>;
+    /// Installs or replaces a route.
+    fn replace(&mut self, route: &PodRoute) -> Result<(), RouteError>;
+    /// Removes a route.
+    fn remove(&mut self, route: &PodRoute) -> Result<(), RouteError>;
+}
+
+/// The real table, through iproute2, in the process's network namespace.
+#[derive(Debug, Clone)]
+pub struct IpRouteTable {
+    /// Device towards the underlay.
+    pub dev: String,
+}
+
+fn ip(args: &[&str]) -> Result<String, RouteError> {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| RouteError::Command {
+            command: format!("ip {}", args.join(" ")),
+            stderr: e.to_string(),
+        })?;
+    if !out.status.success() {
+        return Err(RouteError::Command {
+            command: format!("ip {}", args.join(" ")),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+impl RouteTable for IpRouteTable {
+    fn list(&mut self) -> Result<BTreeSet<PodRoute>, RouteError> {
+        let proto = ROUTE_PROTO.to_string();
+        let out = ip(&["-4", "route", "show", "proto", &proto])?;
+        // Lines look like `10.200.1.0/24 via 10.99.0.12 dev eth0`.
+        Ok(out
+            .lines()
+            .filter_map(|l| {
+                let mut words = l.split_whitespace();
+                let cidr = words.next()?.parse().ok()?;
+                let via = words.skip_while(|w| *w != "via").nth(1)?.parse().ok()?;
+                Some(PodRoute { cidr, via })
+            })
+            .collect())
+    }
+
+    fn replace(&mut self, r: &PodRoute) -> Result<(), RouteError> {
+        let (cidr, via, proto) = (r.cidr.to_string(), r.via.to_string(), ROUTE_PROTO.to_string());
+        ip(&["route", "replace", &cidr, "via", &via, "dev", &self.dev, "proto", &proto]).map(drop)
+    }
+
+    fn remove(&mut self, r: &PodRoute) -> Result<(), RouteError> {
+        let (cidr, proto) = (r.cidr.to_string(), ROUTE_PROTO.to_string());
+        ip(&["route", "del", &cidr, "proto", &proto]).map(drop)
+    }
+}
+
+/// The routes `node` needs, from IPAM's published state.
+pub fn desired_routes(node: &str, state: &BTreeMap<String, Any>) -> Result<BTreeSet<PodRoute>, RouteError> {
+    let mut routes = BTreeSet::new();
+    for (key, value) in state.range("node/".to_string()..) {
+        let Some(name) = key.strip_prefix("node/") else { break };
+        let bad = |reason: String| RouteError::BadResource { key: key.clone(), reason };
+        let n: ipam::NodeCidr = value.to_msg().map_err(|e| bad(e.to_string()))?;
+        if name == node {
+            continue;
+        }
+        let cidr = n.pod_cidr.parse().map_err(|_| bad(format!("pod_cidr `{}` is not a CIDR", n.pod_cidr)))?;
+        let via = n
+            .underlay_ip
+            .parse()
+            .map_err(|_| bad(format!("underlay_ip `{}` is not an address", n.underlay_ip)))?;
+        routes.insert(PodRoute { cidr, via });
+    }
+    Ok(routes)
+}
+
+/// Applies IPAM's stream to a route table.
+#[derive(Debug)]
+pub struct RouteSink<T> {
+    node: String,
+    table: T,
+}
+
+impl<T: RouteTable> RouteSink<T> {
+    /// Programs `table` for `node`.
+    pub fn new(node: impl Into<String>, table: T) -> Self {
+        Self { node: node.into(), table }
+    }
+
+    /// Makes the table hold exactly the desired routes. Validates everything
+    /// first, so bad input changes nothing.
+    pub fn reconcile(&mut self, state: &BTreeMap<String, Any>) -> Result<(), RouteError> {
+        let want = desired_routes(&self.node, state)?;
+        let have = self.table.list()?;
+        for r in have.difference(&want) {
+            self.table.remove(r)?;
+        }
+        for r in want.difference(&have) {
+            self.table.replace(r)?;
+        }
+        Ok(())
+    }
+}
+
+impl<T: RouteTable> StateSink for RouteSink<T> {
+    async fn apply(&mut self, version: u64, state: &BTreeMap<String, Any>, _changed: &[String]) -> Result<(), String> {
+        self.reconcile(state).map_err(|e| e.to_string())?;
+        tracing::debug!(version, "routes reconciled");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct FakeTable(BTreeSet<PodRoute>);
+
+    impl RouteTable for FakeTable {
+        fn list(&mut self) -> Result<BTreeSet<PodRoute>, RouteError> {
+            Ok(self.0.clone())
+        }
+        fn replace(&mut self, r: &PodRoute) -> Result<(), RouteError> {
+            self.0.insert(r.clone());
+            Ok(())
+        }
+        fn remove(&mut self, r: &PodRoute) -> Result<(), RouteError> {
+            self.0.remove(r);
+            Ok(())
+        }
+    }
+
+    fn node(name: &str, cidr: &str, via: &str) -> (String, Any) {
+        let msg = ipam::NodeCidr { node: name.into(), underlay_ip: via.into(), pod_cidr: cidr.into() };
+        (format!("node/{name}"), Any::from_msg(&msg).expect("encode"))
+    }
+
+    #[test]
+    fn every_other_node_gets_a_route_and_stale_ones_go() {
+        let mut sink = RouteSink::new("node-1", FakeTable::default());
+        let mut state: BTreeMap<_, _> = [
+            node("node-1", "10.200.0.0/24", "10.99.0.11"),
+            node("node-2", "10.200.1.0/24", "10.99.0.12"),
+            node("node-3", "10.200.2.0/24", "10.99.0.13"),
+        ]
+        .into_iter()
+        .collect();
+        sink.reconcile(&state).expect("reconcile");
+        let cidrs: Vec<_> = sink.table.0.iter().map(|r| r.cidr.to_string()).collect();
+        assert_eq!(cidrs, ["10.200.1.0/24", "10.200.2.0/24"]);
+        state.remove("node/node-3");
+        sink.reconcile(&state).expect("reconcile");
+        assert_eq!(sink.table.0.len(), 1);
+    }
+
+    #[test]
+    fn a_bad_resource_changes_nothing() {
+        let mut sink = RouteSink::new("node-1", FakeTable::default());
+        let good: BTreeMap<_, _> = [node("node-2", "10.200.1.0/24", "10.99.0.12")].into_iter().collect();
+        sink.reconcile(&good).expect("reconcile");
+        let mut bad = good.clone();
+        bad.extend([node("node-3", "not-a-cidr", "10.99.0.13")]);
+        let err = sink.reconcile(&bad).expect_err("bad cidr");
+        assert!(err.to_string().contains("node/node-3"), "{err}");
+        assert_eq!(sink.table.0.len(), 1);
+    }
+}
