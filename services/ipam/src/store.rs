@@ -12,7 +12,7 @@
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
-use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, GetOptions, GetResponse, Txn, TxnOp, TxnOpResponse};
 use ipnet::Ipv4Net;
 use membrane_runtime::store::{Store, StoreError, to_json};
 use serde::{Deserialize, Serialize};
@@ -58,6 +58,10 @@ fn alloc_key(node: &str, ip: Ipv4Addr) -> String {
 }
 fn owner_key(node: &str, owner: &str) -> String {
     format!("ipam/owners/{node}/{owner}")
+}
+
+fn decode<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, IpamError> {
+    serde_json::from_slice(value).map_err(|e| IpamError::Store(format!("corrupt value at `{key}`: {e}")))
 }
 
 impl From<StoreError> for IpamError {
@@ -241,25 +245,46 @@ impl IpamStore {
     }
 
     /// Allocates an address on `node` for `owner`; the same owner gets the
-    /// same address back.
+    /// same address back. Two round trips when uncontended: one read
+    /// transaction (owner, node, used addresses), one conditional write.
     pub async fn allocate(&self, node: &str, owner: &str) -> Result<(AllocRecord, Ipv4Net), IpamError> {
         if owner.is_empty() {
             return Err(IpamError::Empty { field: "owner".into() });
         }
-        let rec = self.require_node(node).await?;
         let okey = self.store.key(&owner_key(node, owner));
         let nkey = self.store.key(&node_key(node));
+        let aprefix = self.store.key(&allocs_prefix(node));
         let mut client = self.store.client();
         for _ in 0..MAX_ATTEMPTS {
-            if let Some((ip, _)) = self.store.get_json::<Ipv4Addr>(&owner_key(node, owner)).await? {
+            let read = Txn::new().and_then([
+                TxnOp::get(okey.as_str(), None),
+                TxnOp::get(nkey.as_str(), None),
+                TxnOp::get(aprefix.as_str(), Some(GetOptions::new().with_prefix().with_keys_only())),
+            ]);
+            let resp = client.txn(read).await?;
+            let gets: Vec<GetResponse> = resp
+                .op_responses()
+                .into_iter()
+                .filter_map(|r| match r {
+                    TxnOpResponse::Get(g) => Some(g),
+                    _ => None,
+                })
+                .collect();
+            let [owner_get, node_get, allocs_get] = gets.as_slice() else {
+                return Err(IpamError::Store("read transaction returned an unexpected shape".into()));
+            };
+            let Some(node_kv) = node_get.kvs().first() else {
+                return Err(IpamError::UnknownNode(node.to_string()));
+            };
+            let rec: NodeRecord = decode(&nkey, node_kv.value())?;
+            if let Some(kv) = owner_get.kvs().first() {
+                let ip: Ipv4Addr = decode(&okey, kv.value())?;
                 return Ok((AllocRecord { node: node.into(), ip, owner: owner.into() }, rec.pod_cidr));
             }
-            let used: BTreeSet<Ipv4Addr> = self
-                .store
-                .list_keys(&allocs_prefix(node))
-                .await?
+            let used: BTreeSet<Ipv4Addr> = allocs_get
+                .kvs()
                 .iter()
-                .filter_map(|k| k.rsplit('/').next()?.parse().ok())
+                .filter_map(|kv| String::from_utf8_lossy(kv.key()).rsplit('/').next()?.parse().ok())
                 .collect();
             let start = rand::random::<u32>();
             let ip = pool::pick_free(rec.pod_cidr, &used, start).ok_or_else(|| IpamError::Exhausted {
@@ -272,7 +297,8 @@ impl IpamStore {
                 .when([
                     Compare::create_revision(akey.as_str(), CompareOp::Equal, 0),
                     Compare::create_revision(okey.as_str(), CompareOp::Equal, 0),
-                    Compare::version(nkey.as_str(), CompareOp::Greater, 0),
+                    // The node we read is still the node (not removed and re-added).
+                    Compare::create_revision(nkey.as_str(), CompareOp::Equal, node_kv.create_revision()),
                 ])
                 .and_then([
                     TxnOp::put(akey.as_str(), to_json(&alloc), None),
@@ -282,8 +308,7 @@ impl IpamStore {
                 tracing::debug!(node = %node, ip = %ip, owner = %owner, "address allocated");
                 return Ok((alloc, rec.pod_cidr));
             }
-            // Lost a race (address, owner) or the node went away: re-read.
-            self.require_node(node).await?;
+            // Lost a race (address or owner taken, node changed): read again.
         }
         Err(IpamError::Contention(MAX_ATTEMPTS))
     }
