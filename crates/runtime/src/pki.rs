@@ -30,8 +30,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
 };
 use rustls::client::danger::ServerCertVerifier as _;
 use rustls::pki_types::pem::PemObject as _;
@@ -263,11 +263,13 @@ impl Ca {
         let key_pem = read_to_string(&ca_key_path(dir))?;
         let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
             .map_err(|e| invalid(format!("parse ca.pem: {e}")))?;
-        let not_after = der::not_after(&cert_der).map_err(|e| invalid(format!("parse ca.pem: {e}")))?;
+        let not_after =
+            der::not_after(&cert_der).map_err(|e| invalid(format!("parse ca.pem: {e}")))?;
         if not_after < unix_now() + REUSE_MARGIN.as_secs() {
             return Err(invalid("expires within 24 hours".to_string()));
         }
-        let key = KeyPair::from_pem(&key_pem).map_err(|e| invalid(format!("parse ca-key.pem: {e}")))?;
+        let key =
+            KeyPair::from_pem(&key_pem).map_err(|e| invalid(format!("parse ca-key.pem: {e}")))?;
         let ca = Self {
             cert_pem,
             cert_der,
@@ -275,9 +277,17 @@ impl Ca {
         };
         // A probe leaf proves the key belongs to the certificate and that the
         // reconstructed subject matches what the certificate says.
-        let probe = ca.issue("probe", &[service_server_name("probe")], Duration::from_secs(3600))?;
-        ca.verify(&probe.cert_pem, &[service_server_name("probe")], Duration::ZERO)
-            .map_err(|e| invalid(format!("key does not match certificate: {e}")))?;
+        let probe = ca.issue(
+            "probe",
+            &[service_server_name("probe")],
+            Duration::from_secs(3600),
+        )?;
+        ca.verify(
+            &probe.cert_pem,
+            &[service_server_name("probe")],
+            Duration::ZERO,
+        )
+        .map_err(|e| invalid(format!("key does not match certificate: {e}")))?;
         Ok(ca)
     }
 
@@ -527,7 +537,9 @@ mod der {
             }
             let (bytes, rest) = input.split_at(n);
             input = rest;
-            bytes.iter().fold(0usize, |acc, b| (acc << 8) | usize::from(*b))
+            bytes
+                .iter()
+                .fold(0usize, |acc, b| (acc << 8) | usize::from(*b))
         };
         if input.len() < len {
             return Err(truncated());
@@ -597,10 +609,15 @@ mod tests {
     fn a_certificate_issued_by_the_ca_verifies_against_it_for_each_san() {
         let ca = Ca::create(CA_VALIDITY).expect("ca");
         let spec = LeafSpec::node("node-1");
-        let leaf = ca.issue(&spec.name, &names(&spec), LEAF_VALIDITY).expect("issue");
+        let leaf = ca
+            .issue(&spec.name, &names(&spec), LEAF_VALIDITY)
+            .expect("issue");
         assert_eq!(
             spec.dns_names,
-            vec!["node-1.nodes.membrane.local".to_string(), "node-1".to_string()]
+            vec![
+                "node-1.nodes.membrane.local".to_string(),
+                "node-1".to_string()
+            ]
         );
         ca.verify(&leaf.cert_pem, &names(&spec), REUSE_MARGIN)
             .expect("leaf verifies for server and client auth");
@@ -614,11 +631,19 @@ mod tests {
             .issue("ipam", &names(&LeafSpec::service("ipam")), LEAF_VALIDITY)
             .expect("issue");
         let err = ca
-            .verify(&leaf.cert_pem, &["policy.membrane.local".to_string()], Duration::ZERO)
+            .verify(
+                &leaf.cert_pem,
+                &["policy.membrane.local".to_string()],
+                Duration::ZERO,
+            )
             .expect_err("wrong name");
         assert!(err.contains("policy.membrane.local"), "{err}");
         other
-            .verify(&leaf.cert_pem, &names(&LeafSpec::service("ipam")), Duration::ZERO)
+            .verify(
+                &leaf.cert_pem,
+                &names(&LeafSpec::service("ipam")),
+                Duration::ZERO,
+            )
             .expect_err("another CA");
     }
 
@@ -626,12 +651,24 @@ mod tests {
     fn a_certificate_expiring_within_the_margin_does_not_verify_for_the_margin() {
         let ca = Ca::create(CA_VALIDITY).expect("ca");
         let leaf = ca
-            .issue("cli", &names(&LeafSpec::client("cli")), Duration::from_secs(3600))
+            .issue(
+                "cli",
+                &names(&LeafSpec::client("cli")),
+                Duration::from_secs(3600),
+            )
             .expect("issue");
-        ca.verify(&leaf.cert_pem, &names(&LeafSpec::client("cli")), Duration::ZERO)
-            .expect("valid now");
-        ca.verify(&leaf.cert_pem, &names(&LeafSpec::client("cli")), REUSE_MARGIN)
-            .expect_err("not valid tomorrow");
+        ca.verify(
+            &leaf.cert_pem,
+            &names(&LeafSpec::client("cli")),
+            Duration::ZERO,
+        )
+        .expect("valid now");
+        ca.verify(
+            &leaf.cert_pem,
+            &names(&LeafSpec::client("cli")),
+            REUSE_MARGIN,
+        )
+        .expect_err("not valid tomorrow");
     }
 
     #[test]
@@ -639,15 +676,34 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let bundle = ensure_bundle(
             dir.path(),
-            &[LeafSpec::service("ipam"), LeafSpec::node("node-1"), LeafSpec::client("cli")],
+            &[
+                LeafSpec::service("ipam"),
+                LeafSpec::node("node-1"),
+                LeafSpec::client("cli"),
+            ],
         )
         .expect("bundle");
         assert_eq!(bundle.ca, dir.path().join("ca.pem"));
-        for file in ["ca.pem", "ca-key.pem", "ipam.pem", "ipam-key.pem", "node-1.pem", "cli-key.pem"] {
+        for file in [
+            "ca.pem",
+            "ca-key.pem",
+            "ipam.pem",
+            "ipam-key.pem",
+            "node-1.pem",
+            "cli-key.pem",
+        ] {
             assert!(dir.path().join(file).is_file(), "{file} missing");
         }
-        for key in ["ca-key.pem", "ipam-key.pem", "node-1-key.pem", "cli-key.pem"] {
-            let mode = std::fs::metadata(dir.path().join(key)).expect("meta").permissions().mode();
+        for key in [
+            "ca-key.pem",
+            "ipam-key.pem",
+            "node-1-key.pem",
+            "cli-key.pem",
+        ] {
+            let mode = std::fs::metadata(dir.path().join(key))
+                .expect("meta")
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600, "{key} mode {mode:o}");
         }
         let ipam = &bundle.leaves["ipam"];
@@ -662,15 +718,27 @@ mod tests {
         let specs = [LeafSpec::service("ipam"), LeafSpec::node("node-1")];
         ensure_bundle(dir.path(), &specs).expect("first");
         let read = |f: &str| std::fs::read(dir.path().join(f)).expect("read");
-        let before: Vec<_> = ["ca.pem", "ca-key.pem", "ipam.pem", "ipam-key.pem", "node-1.pem"]
-            .iter()
-            .map(|f| read(f))
-            .collect();
+        let before: Vec<_> = [
+            "ca.pem",
+            "ca-key.pem",
+            "ipam.pem",
+            "ipam-key.pem",
+            "node-1.pem",
+        ]
+        .iter()
+        .map(|f| read(f))
+        .collect();
         ensure_bundle(dir.path(), &specs).expect("second");
-        let after: Vec<_> = ["ca.pem", "ca-key.pem", "ipam.pem", "ipam-key.pem", "node-1.pem"]
-            .iter()
-            .map(|f| read(f))
-            .collect();
+        let after: Vec<_> = [
+            "ca.pem",
+            "ca-key.pem",
+            "ipam.pem",
+            "ipam-key.pem",
+            "node-1.pem",
+        ]
+        .iter()
+        .map(|f| read(f))
+        .collect();
         assert_eq!(before, after);
     }
 
@@ -678,7 +746,8 @@ mod tests {
     fn a_leaf_is_reissued_when_its_names_change_or_its_ca_is_replaced() {
         let dir = tempfile::tempdir().expect("tempdir");
         let ca = Ca::load_or_create(dir.path()).expect("ca");
-        ca.ensure_leaf(dir.path(), &LeafSpec::service("ipam")).expect("leaf");
+        ca.ensure_leaf(dir.path(), &LeafSpec::service("ipam"))
+            .expect("leaf");
         let first = std::fs::read(dir.path().join("ipam.pem")).expect("read");
 
         let renamed = LeafSpec::new("ipam", ["ipam.example".to_string()]);
@@ -687,11 +756,16 @@ mod tests {
         assert_ne!(first, second);
 
         // A CA that expires within the margin is replaced, and leaves follow.
-        Ca::create(Duration::from_secs(3600)).expect("short ca").save(dir.path()).expect("save");
+        Ca::create(Duration::from_secs(3600))
+            .expect("short ca")
+            .save(dir.path())
+            .expect("save");
         let new_ca = Ca::load_or_create(dir.path()).expect("replaced ca");
         let leaf = new_ca.ensure_leaf(dir.path(), &renamed).expect("leaf");
         let cert = std::fs::read_to_string(leaf.cert).expect("read");
-        new_ca.verify(&cert, &renamed.dns_names, REUSE_MARGIN).expect("signed by the new CA");
+        new_ca
+            .verify(&cert, &renamed.dns_names, REUSE_MARGIN)
+            .expect("signed by the new CA");
     }
 
     #[test]
@@ -699,6 +773,9 @@ mod tests {
         let ca = Ca::create(Duration::from_secs(7200)).expect("ca");
         let not_after = der::not_after(&ca.cert_der).expect("parse");
         let expected = unix_now() + 7200;
-        assert!(not_after.abs_diff(expected) <= 5, "{not_after} vs {expected}");
+        assert!(
+            not_after.abs_diff(expected) <= 5,
+            "{not_after} vs {expected}"
+        );
     }
 }
