@@ -23,7 +23,8 @@ const CFLAGS: &[&str] = &[
 ];
 
 fn main() {
-    let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let manifest_dir =
+        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let bpf_dir = manifest_dir.join("bpf");
     let clang = env::var("CLANG").unwrap_or_else(|_| "clang-19".to_owned());
@@ -38,7 +39,11 @@ fn main() {
         .filter(|p| p.extension().is_some_and(|ext| ext == "c"))
         .collect();
     entries.sort();
-    assert!(!entries.is_empty(), "no eBPF entry files in {}", bpf_dir.display());
+    assert!(
+        !entries.is_empty(),
+        "no eBPF entry files in {}",
+        bpf_dir.display()
+    );
 
     for src in &entries {
         compile(&clang, &bpf_dir, src, &out_dir);
@@ -46,7 +51,10 @@ fn main() {
 }
 
 fn compile(clang: &str, bpf_dir: &Path, src: &Path, out_dir: &Path) {
-    let stem = src.file_stem().expect("entry file has a name").to_string_lossy();
+    let stem = src
+        .file_stem()
+        .expect("entry file has a name")
+        .to_string_lossy();
     let obj = out_dir.join(format!("{stem}.o"));
     let output = Command::new(clang)
         .args(CFLAGS)

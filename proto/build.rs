@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "membrane/stream/v1/stream.proto",
         "membrane/objects/v1/objects.proto",
         "membrane/ipam/v1/ipam.proto",
+        "membrane/node/v1/node.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");

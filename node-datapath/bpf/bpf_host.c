@@ -36,4 +36,4 @@ int from_netdev(struct __sk_buff *ctx)
 				    FEATURE_REDIRECT_PEER | FEATURE_REDIRECT_NEIGH);
 }
 
-char _license[] SEC("license") = "Dual BSD/GPL";
+char _license[] SEC("license") = "GPL";

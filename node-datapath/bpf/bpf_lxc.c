@@ -50,5 +50,5 @@ int from_container(struct __sk_buff *ctx)
 	return redirect_to_endpoint(ctx, ep, &p, OBS_LXC, FEATURE_REDIRECT_PEER);
 }
 
-/* GPL-compatible for the kernel; the source is dual-licensed (SPDX above). */
-char _license[] SEC("license") = "Dual BSD/GPL";
+/* The kernel checks this for GPL-only helpers: we load under the GPL option of the SPDX line. */
+char _license[] SEC("license") = "GPL";

@@ -20,4 +20,4 @@ int probe_rdr_neigh(struct __sk_buff *ctx)
 	return bpf_redirect_neigh(ctx->ifindex, NULL, 0, 0);
 }
 
-char _license[] SEC("license") = "Dual BSD/GPL";
+char _license[] SEC("license") = "GPL";

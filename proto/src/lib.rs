@@ -37,3 +37,10 @@ pub mod ipam {
 pub fn type_url<M: prost::Name>() -> String {
     M::type_url()
 }
+
+/// `membrane.node.v1`: the node agent's API.
+pub mod node {
+    pub mod v1 {
+        tonic::include_proto!("membrane.node.v1");
+    }
+}

@@ -15,6 +15,7 @@ pub const LAYOUT_VERSION: u32 = 1;
 pub(crate) const FEATURE_REDIRECT_PEER: u32 = 0x1;
 pub(crate) const FEATURE_REDIRECT_NEIGH: u32 = 0x2;
 
+#[allow(dead_code, reason = "mirrors common.h; checked by the layout test")]
 pub(crate) const CT_EGRESS: u8 = 0;
 pub(crate) const CT_INGRESS: u8 = 1;
 pub(crate) const CT_F_SEEN_REPLY: u16 = 0x1;
@@ -274,7 +275,11 @@ mod tests {
             .arg(&bin)
             .output()
             .expect("run clang");
-        assert!(out.status.success(), "clang: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "clang: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let out = Command::new(&bin).output().expect("run layout dumper");
         assert!(out.status.success());
         let c: BTreeMap<String, u64> = String::from_utf8_lossy(&out.stdout)
@@ -287,7 +292,11 @@ mod tests {
             .filter(|(k, v)| c.get(*k) != Some(v))
             .map(|(k, v)| format!("{k}: rust {v}, C {:?}", c.get(k)))
             .collect();
-        assert!(diverged.is_empty(), "common.h and abi.rs diverged:\n{}", diverged.join("\n"));
+        assert!(
+            diverged.is_empty(),
+            "common.h and abi.rs diverged:\n{}",
+            diverged.join("\n")
+        );
     }
 
     #[test]
@@ -302,7 +311,10 @@ mod tests {
         bytes[36] = 6;
         let ev = TraceEventRaw::from_bytes(&bytes).expect("long enough");
         assert_eq!(ev.ts_ns, 42);
-        assert_eq!((ev.kind, ev.source, ev.reason, ev.ifindex), (EVENT_DROP, OBS_LXC, DROP_INVALID, 7));
+        assert_eq!(
+            (ev.kind, ev.source, ev.reason, ev.ifindex),
+            (EVENT_DROP, OBS_LXC, DROP_INVALID, 7)
+        );
         assert_eq!(ev.tuple.saddr, [10, 0, 0, 1]);
         assert_eq!(ev.tuple.proto, 6);
         assert!(TraceEventRaw::from_bytes(&bytes[..10]).is_none());

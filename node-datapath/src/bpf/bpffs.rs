@@ -21,8 +21,17 @@ pub fn ensure_bpffs() -> Result<bool, Error> {
     if is_bpffs(path) {
         return Ok(false);
     }
-    mount(Some("bpffs"), path, Some("bpf"), MsFlags::empty(), None::<&str>)
-        .map_err(|source| Error::MountBpffs { path: path.to_owned(), source })?;
+    mount(
+        Some("bpffs"),
+        path,
+        Some("bpf"),
+        MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|source| Error::MountBpffs {
+        path: path.to_owned(),
+        source,
+    })?;
     Ok(true)
 }
 

@@ -15,40 +15,89 @@ use super::Hook;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("mount bpffs at {}", path.display())]
-    MountBpffs { path: PathBuf, #[source] source: nix::Error },
+    MountBpffs {
+        path: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
 
     #[error("create pin directory {}", path.display())]
-    PinDir { path: PathBuf, #[source] source: io::Error },
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 
     #[error("load eBPF object `{object}`")]
-    LoadObject { object: &'static str, #[source] source: Box<aya::EbpfError> },
+    LoadObject {
+        object: &'static str,
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
 
     #[error("program `{program}` is missing from eBPF object `{object}`")]
-    MissingProgram { object: &'static str, program: &'static str },
+    MissingProgram {
+        object: &'static str,
+        program: &'static str,
+    },
 
     #[error("load program `{program}` into the kernel")]
-    LoadProgram { program: &'static str, #[source] source: Box<ProgramError> },
+    LoadProgram {
+        program: &'static str,
+        #[source]
+        source: Box<ProgramError>,
+    },
 
     #[error("map `{map}` is missing from eBPF object `{object}`")]
-    MissingMap { object: &'static str, map: &'static str },
+    MissingMap {
+        object: &'static str,
+        map: &'static str,
+    },
 
     #[error("open map `{map}`")]
-    OpenMap { map: &'static str, #[source] source: Box<MapError> },
+    OpenMap {
+        map: &'static str,
+        #[source]
+        source: Box<MapError>,
+    },
 
     #[error("read map `{map}`")]
-    ReadMap { map: &'static str, #[source] source: Box<MapError> },
+    ReadMap {
+        map: &'static str,
+        #[source]
+        source: Box<MapError>,
+    },
 
     #[error("{op} endpoint {ip}")]
-    Endpoint { op: &'static str, ip: Ipv4Addr, #[source] source: Box<MapError> },
+    Endpoint {
+        op: &'static str,
+        ip: Ipv4Addr,
+        #[source]
+        source: Box<MapError>,
+    },
 
     #[error("attach {hook} program to ifindex {ifindex}")]
-    Attach { hook: Hook, ifindex: u32, #[source] source: AttachError },
+    Attach {
+        hook: Hook,
+        ifindex: u32,
+        #[source]
+        source: AttachError,
+    },
 
     #[error("detach {hook} program from ifindex {ifindex}")]
-    Detach { hook: Hook, ifindex: u32, #[source] source: AttachError },
+    Detach {
+        hook: Hook,
+        ifindex: u32,
+        #[source]
+        source: AttachError,
+    },
 
     #[error("list pinned links in {}", path.display())]
-    ListLinks { path: PathBuf, #[source] source: io::Error },
+    ListLinks {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 
     #[error("the event ring buffer was already taken by another reader")]
     EventsTaken,
@@ -57,10 +106,18 @@ pub enum Error {
     Events(#[source] io::Error),
 
     #[error("test run of the {hook} program")]
-    TestRun { hook: Hook, #[source] source: Box<ProgramError> },
+    TestRun {
+        hook: Hook,
+        #[source]
+        source: Box<ProgramError>,
+    },
 
     #[error("probe kernel feature `{feature}`")]
-    Probe { feature: &'static str, #[source] source: Box<ProgramError> },
+    Probe {
+        feature: &'static str,
+        #[source]
+        source: Box<ProgramError>,
+    },
 }
 
 /// The step of an attach/detach that failed.

@@ -9,13 +9,9 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use tokio::io::unix::AsyncFd;
+use tokio::io::{Interest, unix::AsyncFd};
 
-use super::{
-    Error,
-    abi::TraceEventRaw,
-    types::DatapathEvent,
-};
+use super::{Error, abi::TraceEventRaw, types::DatapathEvent};
 
 /// A blocking reader. Get one from [`super::Datapath::events`].
 pub struct EventReader {
@@ -67,7 +63,14 @@ impl EventReader {
 
     /// Turns this into a tokio reader.
     pub fn into_async(self) -> Result<AsyncEventReader, Error> {
-        Ok(AsyncEventReader { ring: AsyncFd::new(self.ring).map_err(Error::Events)? })
+        #[allow(unsafe_code)]
+        // SAFETY: `register` needs the fd to stay open and unchanged for the
+        // AsyncFd's lifetime. The AsyncFd owns the RingBuf, which owns the
+        // map fd (closed only when the RingBuf drops) and always returns
+        // that same fd from `as_raw_fd`.
+        let ring = unsafe { AsyncFd::register_with_interest(self.ring, Interest::READABLE) }
+            .map_err(|e| Error::Events(e.into_parts().1))?;
+        Ok(AsyncEventReader { ring })
     }
 }
 

@@ -23,8 +23,10 @@ pub struct Features {
 
 /// Probes the running kernel. Needs the same privileges as loading the datapath.
 pub fn probe_features() -> Result<Features, Error> {
-    let mut ebpf = Ebpf::load(objects::PROBE)
-        .map_err(|e| Error::LoadObject { object: "probe", source: Box::new(e) })?;
+    let mut ebpf = Ebpf::load(objects::PROBE).map_err(|e| Error::LoadObject {
+        object: "probe",
+        source: Box::new(e),
+    })?;
     Ok(Features {
         redirect_peer: probe(&mut ebpf, "probe_rdr_peer", "bpf_redirect_peer")?,
         redirect_neigh: probe(&mut ebpf, "probe_rdr_neigh", "bpf_redirect_neigh")?,
@@ -34,9 +36,15 @@ pub fn probe_features() -> Result<Features, Error> {
 fn probe(ebpf: &mut Ebpf, program: &'static str, feature: &'static str) -> Result<bool, Error> {
     let prog: &mut SchedClassifier = ebpf
         .program_mut(program)
-        .ok_or(Error::MissingProgram { object: "probe", program })?
+        .ok_or(Error::MissingProgram {
+            object: "probe",
+            program,
+        })?
         .try_into()
-        .map_err(|e| Error::Probe { feature, source: Box::new(e) })?;
+        .map_err(|e| Error::Probe {
+            feature,
+            source: Box::new(e),
+        })?;
     match prog.load() {
         Ok(()) => Ok(true),
         // The verifier rejects unknown helpers with EINVAL. Anything else
@@ -46,6 +54,9 @@ fn probe(ebpf: &mut Ebpf, program: &'static str, feature: &'static str) -> Resul
         {
             Ok(false)
         }
-        Err(e) => Err(Error::Probe { feature, source: Box::new(e) }),
+        Err(e) => Err(Error::Probe {
+            feature,
+            source: Box::new(e),
+        }),
     }
 }

@@ -61,7 +61,10 @@ impl fmt::Display for Hook {
 
 /// The compiled objects, built by `build.rs` from `bpf/*.c`.
 mod objects {
-    pub(super) static LXC: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_lxc.o"));
-    pub(super) static HOST: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_host.o"));
-    pub(super) static PROBE: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe.o"));
+    pub(super) static LXC: &[u8] =
+        aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_lxc.o"));
+    pub(super) static HOST: &[u8] =
+        aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_host.o"));
+    pub(super) static PROBE: &[u8] =
+        aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe.o"));
 }

@@ -203,8 +203,23 @@ impl FromStr for MacAddr {
 
 impl From<&EndpointInfo> for EndpointInfoRaw {
     fn from(e: &EndpointInfo) -> Self {
-        let EndpointInfo { ifindex, pod_mac, node_mac, endpoint_id, identity, flags } = *e;
-        Self { ifindex, endpoint_id, identity, flags, pod_mac: pod_mac.0, node_mac: node_mac.0, pad: [0; 4] }
+        let EndpointInfo {
+            ifindex,
+            pod_mac,
+            node_mac,
+            endpoint_id,
+            identity,
+            flags,
+        } = *e;
+        Self {
+            ifindex,
+            endpoint_id,
+            identity,
+            flags,
+            pod_mac: pod_mac.0,
+            node_mac: node_mac.0,
+            pad: [0; 4],
+        }
     }
 }
 
@@ -229,7 +244,11 @@ impl From<CtKeyRaw> for Flow {
             sport: u16::from_be_bytes(k.sport),
             dport: u16::from_be_bytes(k.dport),
             proto: k.proto,
-            direction: if k.dir == abi::CT_INGRESS { CtDirection::Ingress } else { CtDirection::Egress },
+            direction: if k.dir == abi::CT_INGRESS {
+                CtDirection::Ingress
+            } else {
+                CtDirection::Egress
+            },
         }
     }
 }
@@ -252,7 +271,10 @@ impl From<CtEntryRaw> for CtEntry {
 
 impl From<MetricValueRaw> for Counter {
     fn from(v: MetricValueRaw) -> Self {
-        Self { packets: v.packets, bytes: v.bytes }
+        Self {
+            packets: v.packets,
+            bytes: v.bytes,
+        }
     }
 }
 
@@ -280,7 +302,12 @@ impl Metrics {
     pub(crate) fn from_slots(slots: &[Counter]) -> Self {
         let at = |i: u32| slots.get(i as usize).copied().unwrap_or_default();
         let drops = (1..=abi::DROP_REASON_MAX)
-            .map(|code| (DropReason::from_code(code), at(abi::METRIC_DROP_BASE + u32::from(code))))
+            .map(|code| {
+                (
+                    DropReason::from_code(code),
+                    at(abi::METRIC_DROP_BASE + u32::from(code)),
+                )
+            })
             .filter(|(_, c)| c.packets > 0)
             .collect();
         Self {
@@ -310,7 +337,14 @@ impl From<TraceEventRaw> for DatapathEvent {
             other => ObservationPoint::Other(other),
         };
         let flow = (r.tuple != CtKeyRaw::default()).then(|| Flow::from(r.tuple));
-        Self { kind, source, ifindex: r.ifindex, pkt_len: r.pkt_len, ts_ns: r.ts_ns, flow }
+        Self {
+            kind,
+            source,
+            ifindex: r.ifindex,
+            pkt_len: r.pkt_len,
+            ts_ns: r.ts_ns,
+            flow,
+        }
     }
 }
 
@@ -334,7 +368,13 @@ mod tests {
         let mac: MacAddr = "02:00:0a:c8:01:ff".parse().expect("valid");
         assert_eq!(mac, MacAddr([2, 0, 0x0a, 0xc8, 1, 0xff]));
         assert_eq!(mac.to_string(), "02:00:0a:c8:01:ff");
-        for bad in ["", "02:00", "02:00:0a:c8:01:ff:00", "0g:00:0a:c8:01:ff", "2:00:0a:c8:01:ff"] {
+        for bad in [
+            "",
+            "02:00",
+            "02:00:0a:c8:01:ff:00",
+            "0g:00:0a:c8:01:ff",
+            "2:00:0a:c8:01:ff",
+        ] {
             assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
         }
     }
@@ -342,12 +382,21 @@ mod tests {
     #[test]
     fn metrics_report_only_drop_reasons_that_happened() {
         let mut slots = vec![Counter::default(); abi::METRIC_MAX as usize];
-        slots[abi::METRIC_REDIRECT_PEER as usize] = Counter { packets: 3, bytes: 300 };
-        slots[(abi::METRIC_DROP_BASE + u32::from(abi::DROP_INVALID)) as usize] = Counter { packets: 2, bytes: 40 };
+        slots[abi::METRIC_REDIRECT_PEER as usize] = Counter {
+            packets: 3,
+            bytes: 300,
+        };
+        slots[(abi::METRIC_DROP_BASE + u32::from(abi::DROP_INVALID)) as usize] = Counter {
+            packets: 2,
+            bytes: 40,
+        };
         let m = Metrics::from_slots(&slots);
         assert_eq!(m.redirected(), 3);
         assert_eq!(m.dropped(), 2);
-        assert_eq!(m.drops.keys().copied().collect::<Vec<_>>(), vec![DropReason::Invalid]);
+        assert_eq!(
+            m.drops.keys().copied().collect::<Vec<_>>(),
+            vec![DropReason::Invalid]
+        );
     }
 
     #[test]

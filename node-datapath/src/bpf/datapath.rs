@@ -1,0 +1,505 @@
+// SPDX-License-Identifier: Apache-2.0
+//! [`Datapath`]: the loaded programs, their pinned maps and their pinned
+//! tcx links.
+
+use std::{
+    fs, io,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, Map, MapData, MapError, PerCpuArray, RingBuf},
+    programs::{
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+    },
+    sys::SyscallError,
+};
+
+use super::{
+    AttachError, Error, Hook, LAYOUT_VERSION,
+    abi::{self, CtEntryRaw, CtKeyRaw, EndpointInfoRaw, MetricValueRaw},
+    events::EventReader,
+    features::Features,
+    objects,
+    types::{Counter, CtEntry, EndpointInfo, Flow, Metrics, TcVerdict},
+};
+
+const MAP_ENDPOINTS: &str = "mb_endpoints";
+const MAP_CT: &str = "mb_ct4";
+const MAP_METRICS: &str = "mb_metrics";
+const MAP_EVENTS: &str = "mb_events";
+
+/// Load-time switches, baked into the programs as constants (so the verifier
+/// prunes disabled paths and a kernel lacking a helper still loads them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DatapathOptions {
+    /// Deliver to local pods with `bpf_redirect_peer` (bpf_lxc and bpf_host).
+    pub redirect_peer: bool,
+    /// Let bpf_host fall back to `bpf_redirect_neigh` when peer is off.
+    pub redirect_neigh: bool,
+}
+
+/// How [`Datapath::attach`] got the program onto the interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    /// No pinned link existed: a new tcx link was created and pinned.
+    Fresh,
+    /// A pinned link existed (a previous agent): the program was swapped in
+    /// atomically, without a moment where the interface had no program.
+    Adopted,
+    /// A pinned link existed but its interface was gone (the index now names
+    /// another interface): the stale pin was replaced by a new link.
+    ReplacedSevered,
+}
+
+/// The result of running one packet through a program with `BPF_PROG_TEST_RUN`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TestRunOutput {
+    pub verdict: TcVerdict,
+    /// The packet as the program left it (rewrites included).
+    pub packet: Vec<u8>,
+}
+
+/// The loaded datapath. Dropping it unloads nothing that traffic depends on:
+/// links and maps are pinned, so the kernel keeps running the programs until
+/// the next agent adopts the links (or [`Datapath::detach`] removes them).
+pub struct Datapath {
+    map_dir: PathBuf,
+    link_dir: PathBuf,
+    lxc: Ebpf,
+    host: Ebpf,
+    endpoints: HashMap<MapData, [u8; 4], EndpointInfoRaw>,
+    ct: HashMap<MapData, CtKeyRaw, CtEntryRaw>,
+    metrics: PerCpuArray<MapData, MetricValueRaw>,
+    events: Option<RingBuf<MapData>>,
+}
+
+struct Object {
+    name: &'static str,
+    program: &'static str,
+    bytes: &'static [u8],
+}
+
+const LXC: Object = Object {
+    name: "bpf_lxc",
+    program: "from_container",
+    bytes: objects::LXC,
+};
+const HOST: Object = Object {
+    name: "bpf_host",
+    program: "from_netdev",
+    bytes: objects::HOST,
+};
+
+// === impl DatapathOptions ===
+
+impl DatapathOptions {
+    /// Everything the kernel supports.
+    pub fn from_features(features: &Features) -> Self {
+        Self {
+            redirect_peer: features.redirect_peer,
+            redirect_neigh: features.redirect_neigh,
+        }
+    }
+
+    fn feature_bits(&self) -> u32 {
+        let mut bits = 0;
+        if self.redirect_peer {
+            bits |= abi::FEATURE_REDIRECT_PEER;
+        }
+        if self.redirect_neigh {
+            bits |= abi::FEATURE_REDIRECT_NEIGH;
+        }
+        bits
+    }
+}
+
+// === impl Datapath ===
+
+impl Datapath {
+    /// Loads both programs into the kernel (without attaching them) and
+    /// opens their maps, reusing maps already pinned under `pin_dir` by a
+    /// previous agent. `pin_dir` must be on a mounted bpffs (see
+    /// [`super::ensure_bpffs`]); it is created if missing.
+    pub fn load(pin_dir: &Path, opts: &DatapathOptions) -> Result<Self, Error> {
+        let map_dir = pin_dir.join(format!("v{LAYOUT_VERSION}"));
+        let link_dir = pin_dir.join("links");
+        for dir in [&map_dir, &link_dir] {
+            fs::create_dir_all(dir).map_err(|source| Error::PinDir {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        let features = opts.feature_bits();
+        let mut lxc = load_object(&LXC, &map_dir, features)?;
+        let host = load_object(&HOST, &map_dir, features)?;
+
+        // Both objects share the pinned maps: open them once, from bpf_lxc.
+        let endpoints = typed_map(&mut lxc, MAP_ENDPOINTS, HashMap::try_from)?;
+        let ct = typed_map(&mut lxc, MAP_CT, HashMap::try_from)?;
+        let metrics = typed_map(&mut lxc, MAP_METRICS, PerCpuArray::try_from)?;
+        let events = typed_map(&mut lxc, MAP_EVENTS, RingBuf::try_from)?;
+
+        Ok(Self {
+            map_dir,
+            link_dir,
+            lxc,
+            host,
+            endpoints,
+            ct,
+            metrics,
+            events: Some(events),
+        })
+    }
+
+    /// Where the maps are pinned (`<pin_dir>/v<LAYOUT_VERSION>`).
+    pub fn map_pin_dir(&self) -> &Path {
+        &self.map_dir
+    }
+
+    /// Attaches `bpf_lxc` to tcx ingress of a pod's node-side veth.
+    pub fn attach_lxc(&mut self, ifindex: u32) -> Result<AttachMode, Error> {
+        self.attach(Hook::Lxc, ifindex)
+    }
+
+    /// Attaches `bpf_host` to tcx ingress of the node's underlay device.
+    pub fn attach_host(&mut self, ifindex: u32) -> Result<AttachMode, Error> {
+        self.attach(Hook::Host, ifindex)
+    }
+
+    /// Attaches `hook`'s program to tcx ingress of `ifindex` (in the calling
+    /// thread's network namespace) and pins the link. If a previous agent
+    /// pinned a link there, this program replaces the old one atomically.
+    pub fn attach(&mut self, hook: Hook, ifindex: u32) -> Result<AttachMode, Error> {
+        let pin = self.link_pin_path(hook, ifindex);
+        let prog = program_mut(self.object_mut(hook), hook).map_err(|source| Error::Attach {
+            hook,
+            ifindex,
+            source,
+        })?;
+        attach_pinned(prog, ifindex, &pin).map_err(|source| Error::Attach {
+            hook,
+            ifindex,
+            source,
+        })
+    }
+
+    /// Detaches `hook`'s program from `ifindex` by removing its link pin.
+    /// Returns false if nothing was attached. Safe after the interface is gone.
+    pub fn detach(&mut self, hook: Hook, ifindex: u32) -> Result<bool, Error> {
+        let pin = self.link_pin_path(hook, ifindex);
+        match PinnedLink::from_pin(&pin) {
+            // Unpinned and dropped: the last reference closes and the kernel detaches.
+            Ok(link) => link.unpin().map(|_| true).map_err(|e| Error::Detach {
+                hook,
+                ifindex,
+                source: AttachError::Io(e),
+            }),
+            Err(e) if link_not_found(&e) => Ok(false),
+            Err(e) => Err(Error::Detach {
+                hook,
+                ifindex,
+                source: AttachError::Link(e),
+            }),
+        }
+    }
+
+    /// The (hook, ifindex) pairs with a pinned link, e.g. left by a previous
+    /// agent, so a restarted agent can adopt or detach them.
+    pub fn pinned_attachments(&self) -> Result<Vec<(Hook, u32)>, Error> {
+        let entries = fs::read_dir(&self.link_dir).map_err(|source| Error::ListLinks {
+            path: self.link_dir.clone(),
+            source,
+        })?;
+        let mut out: Vec<(Hook, u32)> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| parse_link_pin_name(&e.file_name().to_string_lossy()))
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Adds or replaces the endpoint for a local pod IP.
+    pub fn upsert_endpoint(&mut self, ip: Ipv4Addr, info: &EndpointInfo) -> Result<(), Error> {
+        self.endpoints
+            .insert(ip.octets(), EndpointInfoRaw::from(info), 0)
+            .map_err(|e| Error::Endpoint {
+                op: "upsert",
+                ip,
+                source: Box::new(e),
+            })
+    }
+
+    /// Removes the endpoint for `ip`; false if there was none.
+    pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<bool, Error> {
+        match self.endpoints.remove(&ip.octets()) {
+            Ok(()) => Ok(true),
+            Err(e) if map_not_found(&e) => Ok(false),
+            Err(e) => Err(Error::Endpoint {
+                op: "remove",
+                ip,
+                source: Box::new(e),
+            }),
+        }
+    }
+
+    /// Every endpoint in the map, sorted by IP.
+    pub fn endpoints(&self) -> Result<Vec<(Ipv4Addr, EndpointInfo)>, Error> {
+        let mut out = Vec::new();
+        for item in self.endpoints.iter() {
+            let (ip, info) = item.map_err(|e| Error::ReadMap {
+                map: MAP_ENDPOINTS,
+                source: Box::new(e),
+            })?;
+            out.push((Ipv4Addr::from(ip), EndpointInfo::from(info)));
+        }
+        out.sort_by_key(|(ip, _)| *ip);
+        Ok(out)
+    }
+
+    /// A snapshot of the connection tracking table. Entries evicted while
+    /// iterating are skipped.
+    pub fn conntrack(&self) -> Result<Vec<(Flow, CtEntry)>, Error> {
+        let mut out = Vec::new();
+        for item in self.ct.iter() {
+            match item {
+                Ok((k, v)) => out.push((Flow::from(k), CtEntry::from(v))),
+                Err(e) if map_not_found(&e) => {}
+                Err(e) => {
+                    return Err(Error::ReadMap {
+                        map: MAP_CT,
+                        source: Box::new(e),
+                    });
+                }
+            }
+        }
+        out.sort_by_key(|(f, _)| *f);
+        Ok(out)
+    }
+
+    /// Counters, summed over CPUs.
+    pub fn metrics(&self) -> Result<Metrics, Error> {
+        let mut slots = Vec::with_capacity(abi::METRIC_MAX as usize);
+        for idx in 0..abi::METRIC_MAX {
+            let per_cpu = self.metrics.get(&idx, 0).map_err(|e| Error::ReadMap {
+                map: MAP_METRICS,
+                source: Box::new(e),
+            })?;
+            let mut sum = Counter::default();
+            for v in per_cpu.iter() {
+                sum += Counter::from(*v);
+            }
+            slots.push(sum);
+        }
+        Ok(Metrics::from_slots(&slots))
+    }
+
+    /// The reader of the event ring buffer. There is one per `Datapath`.
+    pub fn events(&mut self) -> Result<EventReader, Error> {
+        self.events
+            .take()
+            .map(EventReader::new)
+            .ok_or(Error::EventsTaken)
+    }
+
+    /// Runs one Ethernet frame through `hook`'s program with
+    /// `BPF_PROG_TEST_RUN` (nothing needs to be attached; maps are the real
+    /// ones, so endpoints, ct, counters and events all take part).
+    pub fn test_run(&self, hook: Hook, frame: &[u8]) -> Result<TestRunOutput, Error> {
+        let err = |source| Error::TestRun {
+            hook,
+            source: Box::new(source),
+        };
+        let object = match hook {
+            Hook::Lxc => (&self.lxc, &LXC),
+            Hook::Host => (&self.host, &HOST),
+        };
+        let prog: &SchedClassifier = object
+            .0
+            .program(object.1.program)
+            .ok_or(ProgramError::NotLoaded)
+            .and_then(TryInto::try_into)
+            .map_err(err)?;
+        // Room for helpers that grow the packet (none today).
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .map_err(err)?;
+        out.truncate(result.data_size_out as usize);
+        Ok(TestRunOutput {
+            // The kernel returns the program's int return value in a u32.
+            verdict: TcVerdict::from_code(result.return_value as i32),
+            packet: out,
+        })
+    }
+
+    fn object_mut(&mut self, hook: Hook) -> &mut Ebpf {
+        match hook {
+            Hook::Lxc => &mut self.lxc,
+            Hook::Host => &mut self.host,
+        }
+    }
+
+    fn link_pin_path(&self, hook: Hook, ifindex: u32) -> PathBuf {
+        // No dots: BPF_OBJ_PIN rejects them (see shared/STACK.md).
+        self.link_dir.join(format!("{hook}_ingress_{ifindex}"))
+    }
+}
+
+fn parse_link_pin_name(name: &str) -> Option<(Hook, u32)> {
+    let (hook, ifindex) = name.split_once("_ingress_")?;
+    let hook = match hook {
+        "lxc" => Hook::Lxc,
+        "host" => Hook::Host,
+        _ => return None,
+    };
+    Some((hook, ifindex.parse().ok()?))
+}
+
+fn load_object(object: &Object, map_dir: &Path, features: u32) -> Result<Ebpf, Error> {
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(map_dir)
+        .override_global("CONFIG_FEATURES", &features, true)
+        .load(object.bytes)
+        .map_err(|e| Error::LoadObject {
+            object: object.name,
+            source: Box::new(e),
+        })?;
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(object.program)
+        .ok_or(Error::MissingProgram {
+            object: object.name,
+            program: object.program,
+        })?
+        .try_into()
+        .map_err(|e| Error::LoadProgram {
+            program: object.program,
+            source: Box::new(e),
+        })?;
+    prog.load().map_err(|e| Error::LoadProgram {
+        program: object.program,
+        source: Box::new(e),
+    })?;
+    Ok(ebpf)
+}
+
+fn typed_map<T>(
+    ebpf: &mut Ebpf,
+    map: &'static str,
+    convert: impl FnOnce(Map) -> Result<T, MapError>,
+) -> Result<T, Error> {
+    let raw = ebpf.take_map(map).ok_or(Error::MissingMap {
+        object: LXC.name,
+        map,
+    })?;
+    convert(raw).map_err(|e| Error::OpenMap {
+        map,
+        source: Box::new(e),
+    })
+}
+
+fn program_mut(ebpf: &mut Ebpf, hook: Hook) -> Result<&mut SchedClassifier, AttachError> {
+    let name = match hook {
+        Hook::Lxc => LXC.program,
+        Hook::Host => HOST.program,
+    };
+    Ok(ebpf
+        .program_mut(name)
+        .ok_or(ProgramError::NotLoaded)?
+        .try_into()?)
+}
+
+/// Adopt the link pinned at `pin` if there is a live one, else create a tcx
+/// link on `ifindex` and pin it. Our own handle to the link is dropped either
+/// way: the pin alone keeps it, so [`Datapath::detach`] (unpin) really detaches.
+fn attach_pinned(
+    prog: &mut SchedClassifier,
+    ifindex: u32,
+    pin: &Path,
+) -> Result<AttachMode, AttachError> {
+    let mut mode = AttachMode::Fresh;
+    match PinnedLink::from_pin(pin) {
+        Ok(pinned) => {
+            // Converting keeps the pin file; it stays the link's anchor.
+            let link =
+                SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(AttachError::Link)?;
+            match prog.attach_to_link(link) {
+                Ok(id) => {
+                    drop(prog.take_link(id)?);
+                    return Ok(AttachMode::Adopted);
+                }
+                // ENOLINK "Link has been severed": its interface was deleted.
+                Err(ProgramError::SyscallError(SyscallError { io_error, .. }))
+                    if io_error.raw_os_error() == Some(libc::ENOLINK) =>
+                {
+                    fs::remove_file(pin).map_err(AttachError::Io)?;
+                    mode = AttachMode::ReplacedSevered;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(e) if link_not_found(&e) => {}
+        Err(e) => return Err(AttachError::Link(e)),
+    }
+
+    let name = nix::net::if_::if_indextoname(ifindex).map_err(AttachError::Interface)?;
+    let name = name
+        .to_str()
+        .map_err(|_| AttachError::Interface(nix::Error::EINVAL))?;
+    let id = prog.attach_with_options(
+        name,
+        TcAttachType::Ingress,
+        TcAttachOptions::TcxOrder(LinkOrder::default()),
+    )?;
+    let link = FdLink::try_from(prog.take_link(id)?).map_err(AttachError::Link)?;
+    link.pin(pin).map_err(AttachError::Pin)?;
+    Ok(mode)
+}
+
+fn link_not_found(e: &LinkError) -> bool {
+    matches!(e, LinkError::SyscallError(SyscallError { io_error, .. }) if io_error.kind() == io::ErrorKind::NotFound)
+}
+
+fn map_not_found(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(SyscallError { io_error, .. }) => {
+            io_error.kind() == io::ErrorKind::NotFound
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_pin_names_parse_back_into_hook_and_ifindex() {
+        assert_eq!(parse_link_pin_name("lxc_ingress_7"), Some((Hook::Lxc, 7)));
+        assert_eq!(parse_link_pin_name("host_ingress_2"), Some((Hook::Host, 2)));
+        assert_eq!(parse_link_pin_name("xdp_ingress_2"), None);
+        assert_eq!(parse_link_pin_name("lxc_ingress_x"), None);
+    }
+
+    #[test]
+    fn options_turn_into_the_feature_bits_the_c_side_tests() {
+        let all = DatapathOptions {
+            redirect_peer: true,
+            redirect_neigh: true,
+        };
+        assert_eq!(
+            all.feature_bits(),
+            abi::FEATURE_REDIRECT_PEER | abi::FEATURE_REDIRECT_NEIGH
+        );
+        assert_eq!(DatapathOptions::default().feature_bits(), 0);
+    }
+}

@@ -1,0 +1,413 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Privileged end-to-end tests with real veths in real network namespaces:
+//! one node namespace with `ip_forward=0` and two pod namespaces wired the
+//! way the CNI plugin will wire them (pod `eth0` /32, default route via a
+//! link-local gateway whose MAC is pinned to the node-side veth's). If a
+//! packet gets from pod A to pod B, the eBPF redirect carried it: the
+//! node's stack is not allowed to forward.
+
+mod bpf_support;
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    process::Stdio,
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use bpf_support::*;
+use membrane_node_datapath::bpf::{
+    AttachMode, Datapath, DatapathOptions, EndpointInfo, Hook, MacAddr, probe_features,
+};
+
+const GATEWAY: &str = "169.254.1.1";
+/// A flood runs at ~150k pings/s here and a reload takes ~0.3 s: this
+/// count leaves room for several reloads mid-flood.
+const FLOOD_COUNT: &str = "400000";
+
+struct Pod {
+    ns: Netns,
+    ip: Ipv4Addr,
+    mac: MacAddr,
+    lxc: String,
+    lxc_mac: MacAddr,
+    lxc_ifindex: u32,
+}
+
+/// A node namespace with two pods. Dropping it deletes every namespace
+/// (and with them the veths); the pin dir goes with its own guard.
+struct Topology {
+    pods: Vec<Pod>,
+    node: Netns,
+}
+
+impl Topology {
+    fn new() -> Self {
+        let node = Netns::new("node");
+        run_ns(&node.name, &["sysctl", "-qw", "net.ipv4.ip_forward=0"]);
+        let pods = [
+            ("a", Ipv4Addr::new(10, 200, 1, 10), 0x0a),
+            ("b", Ipv4Addr::new(10, 200, 1, 11), 0x0b),
+        ]
+        .into_iter()
+        .map(|(name, ip, n)| add_pod(&node, name, ip, n))
+        .collect();
+        Self { pods, node }
+    }
+
+    fn endpoints(&self) -> impl Iterator<Item = (Ipv4Addr, EndpointInfo)> + '_ {
+        self.pods.iter().enumerate().map(|(i, p)| {
+            (
+                p.ip,
+                EndpointInfo {
+                    ifindex: p.lxc_ifindex,
+                    pod_mac: p.mac,
+                    node_mac: p.lxc_mac,
+                    endpoint_id: i as u32 + 1,
+                    identity: 0,
+                    flags: 0,
+                },
+            )
+        })
+    }
+
+    /// Loads the datapath from `pins`, attaches it to both pods and programs
+    /// the endpoints. Must run inside the node namespace.
+    fn load(&self, pins: &PinDir) -> (Datapath, Vec<AttachMode>) {
+        let opts = DatapathOptions::from_features(&probe_features().expect("probe"));
+        assert!(opts.redirect_peer, "this test needs bpf_redirect_peer");
+        let mut dp = Datapath::load(pins.path(), &opts).expect("load");
+        let modes = self
+            .pods
+            .iter()
+            .map(|p| dp.attach_lxc(p.lxc_ifindex).expect("attach lxc"))
+            .collect();
+        for (ip, info) in self.endpoints() {
+            dp.upsert_endpoint(ip, &info).expect("upsert");
+        }
+        (dp, modes)
+    }
+
+    fn ping(&self, from: usize, to: usize, args: &[&str]) -> std::process::Output {
+        let dst = self.pods[to].ip.to_string();
+        in_ns(
+            &self.pods[from].ns.name,
+            &[&["ping", "-n"], args, &[dst.as_str()]].concat(),
+        )
+        .output()
+        .expect("spawn ping")
+    }
+}
+
+fn add_pod(node: &Netns, name: &str, ip: Ipv4Addr, n: u8) -> Pod {
+    let ns = Netns::new(&format!("pod{name}"));
+    let lxc = format!("lxc{name}");
+    let lxc_mac = MacAddr([0x02, 0, 0, 0, n, 0x01]);
+    let mac = MacAddr([0x02, 0, 0, 0, n, 0x02]);
+    let (lxc_mac_s, mac_s, ip_s) = (lxc_mac.to_string(), mac.to_string(), format!("{ip}/32"));
+    let node_ip = |args: &[&str]| run(&[&["ip", "-n", &node.name], args].concat());
+    let pod_ip = |args: &[&str]| run(&[&["ip", "-n", &ns.name], args].concat());
+    node_ip(&[
+        "link", "add", &lxc, "address", &lxc_mac_s, "type", "veth", "peer", "name", "eth0",
+        "address", &mac_s, "netns", &ns.name,
+    ]);
+    node_ip(&["link", "set", &lxc, "up"]);
+    pod_ip(&["link", "set", "eth0", "up"]);
+    pod_ip(&["addr", "add", &ip_s, "dev", "eth0"]);
+    pod_ip(&["route", "add", GATEWAY, "dev", "eth0", "scope", "link"]);
+    pod_ip(&["route", "add", "default", "via", GATEWAY, "dev", "eth0"]);
+    pod_ip(&[
+        "neigh",
+        "add",
+        GATEWAY,
+        "lladdr",
+        &lxc_mac_s,
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ]);
+    let lxc_ifindex = node.ifindex(&lxc);
+    Pod {
+        ns,
+        ip,
+        mac,
+        lxc,
+        lxc_mac,
+        lxc_ifindex,
+    }
+}
+
+fn run_ns(ns: &str, args: &[&str]) {
+    let out = in_ns(ns, args).output().expect("spawn");
+    assert!(
+        out.status.success(),
+        "{args:?} in {ns}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `(transmitted, received)` from ping's summary line.
+fn ping_counts(out: &std::process::Output) -> (u64, u64) {
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or_else(|| panic!("no ping summary: {text}"));
+    let nums: Vec<u64> = line
+        .split(',')
+        .filter_map(|part| part.split_whitespace().next()?.parse().ok())
+        .collect();
+    (nums[0], nums[1])
+}
+
+/// A TCP sink in pod `ns` that counts bytes until EOF and sends the count back.
+fn tcp_sink(ns: &str, ip: Ipv4Addr) -> (SocketAddr, thread::JoinHandle<u64>) {
+    let path = format!("/run/netns/{ns}");
+    let (tx, rx) = mpsc::channel();
+    let handle = thread::spawn(move || {
+        enter_netns(&path);
+        let listener = TcpListener::bind((ip, 0)).expect("bind");
+        tx.send(listener.local_addr().expect("addr"))
+            .expect("send addr");
+        let (mut conn, _) = listener.accept().expect("accept");
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut total = 0u64;
+        loop {
+            match conn.read(&mut buf).expect("read") {
+                0 => break,
+                n => total += n as u64,
+            }
+        }
+        conn.write_all(&total.to_be_bytes()).expect("write count");
+        total
+    });
+    (rx.recv().expect("sink address"), handle)
+}
+
+/// Streams from pod `ns` to `addr` until `keep_going` says stop (at least
+/// `min` bytes); returns (sent, acknowledged by the sink).
+fn tcp_stream(
+    ns: &str,
+    addr: SocketAddr,
+    min: u64,
+    keep_going: impl Fn() -> bool + Send + 'static,
+) -> thread::JoinHandle<(u64, u64)> {
+    let path = format!("/run/netns/{ns}");
+    thread::spawn(move || {
+        enter_netns(&path);
+        let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+        conn.set_write_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        conn.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let chunk = vec![0x5au8; 64 * 1024];
+        let mut sent = 0u64;
+        while sent < min || keep_going() {
+            conn.write_all(&chunk).expect("write: the stream broke");
+            sent += chunk.len() as u64;
+        }
+        conn.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        let mut count = [0u8; 8];
+        conn.read_exact(&mut count).expect("read count");
+        (sent, u64::from_be_bytes(count))
+    })
+}
+
+#[test]
+fn pods_on_one_node_reach_each_other_through_redirect_peer_with_forwarding_off() {
+    if !privileged("pods_on_one_node_reach_each_other_through_redirect_peer_with_forwarding_off") {
+        return;
+    }
+    let pins = PinDir::new();
+    let topo = Topology::new();
+
+    // Without the datapath the node's stack must not carry pod traffic.
+    let before = topo.ping(0, 1, &["-c", "1", "-W", "1"]);
+    assert!(
+        !before.status.success(),
+        "ping worked with no datapath: ip_forward=0 is not in effect"
+    );
+
+    topo.node.run_in(|| {
+        let (mut dp, modes) = topo.load(&pins);
+        assert_eq!(modes, [AttachMode::Fresh, AttachMode::Fresh]);
+        let attached: Vec<_> = topo
+            .pods
+            .iter()
+            .map(|p| (Hook::Lxc, p.lxc_ifindex))
+            .collect();
+        assert_eq!(dp.pinned_attachments().expect("list"), attached);
+
+        let ping = topo.ping(0, 1, &["-c", "3", "-i", "0.2", "-W", "2"]);
+        assert_eq!(
+            ping_counts(&ping),
+            (3, 3),
+            "{}",
+            String::from_utf8_lossy(&ping.stdout)
+        );
+
+        let (addr, sink) = tcp_sink(&topo.pods[1].ns.name, topo.pods[1].ip);
+        let (sent, acked) = tcp_stream(&topo.pods[0].ns.name, addr, 8 << 20, || false)
+            .join()
+            .expect("client");
+        assert_eq!(sink.join().expect("sink"), sent);
+        assert_eq!(acked, sent);
+
+        let m = dp.metrics().expect("metrics");
+        assert!(m.redirect_peer.packets >= 6, "ping both ways + TCP: {m:?}");
+        assert_eq!(m.dropped(), 0, "{m:?}");
+        let tcp = dp
+            .conntrack()
+            .expect("ct")
+            .into_iter()
+            .find(|(f, _)| f.proto == 6 && f.dport == addr.port());
+        let (_, entry) = tcp.expect("ct entry for the TCP connection");
+        assert!(
+            entry.seen_reply && entry.packets_fwd > 0 && entry.packets_rev > 0,
+            "{entry:?}"
+        );
+
+        // Detaching really detaches: the stack (forwarding off) drops again.
+        for p in &topo.pods {
+            assert!(dp.detach(Hook::Lxc, p.lxc_ifindex).expect("detach"));
+        }
+        assert!(dp.pinned_attachments().expect("list").is_empty());
+        let after = topo.ping(0, 1, &["-c", "1", "-W", "1"]);
+        assert!(!after.status.success(), "ping still works after detach");
+    });
+}
+
+#[test]
+fn reloading_the_datapath_under_a_ping_flood_and_a_tcp_stream_loses_nothing() {
+    if !privileged("reloading_the_datapath_under_a_ping_flood_and_a_tcp_stream_loses_nothing") {
+        return;
+    }
+    let pins = PinDir::new();
+    let topo = Topology::new();
+
+    topo.node.run_in(|| {
+        let (mut dp, _) = topo.load(&pins);
+        let (addr, sink) = tcp_sink(&topo.pods[1].ns.name, topo.pods[1].ip);
+        let (stop_tx, stop_rx) = mpsc::channel::<()>();
+        let stop_rx = std::sync::Mutex::new(stop_rx);
+        let stream = tcp_stream(&topo.pods[0].ns.name, addr, 1 << 20, move || {
+            matches!(
+                stop_rx.lock().map(|rx| rx.try_recv()),
+                Ok(Err(mpsc::TryRecvError::Empty))
+            )
+        });
+        let dst = topo.pods[1].ip.to_string();
+        let flood = in_ns(
+            &topo.pods[0].ns.name,
+            &["ping", "-n", "-q", "-f", "-c", FLOOD_COUNT, "-W", "1", &dst],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ping flood");
+
+        // "Restart the agent" again and again while traffic flows: a new
+        // Datapath adopts the pinned links, then the old one is dropped.
+        let started = Instant::now();
+        let mut reloads = 0;
+        let flood = {
+            let mut flood = flood;
+            while flood.try_wait().expect("poll ping").is_none() {
+                let t = Instant::now();
+                let (next, modes) = topo.load(&pins);
+                eprintln!("reload {reloads}: {:?}", t.elapsed());
+                assert_eq!(
+                    modes,
+                    [AttachMode::Adopted, AttachMode::Adopted],
+                    "reload {reloads}"
+                );
+                dp = next;
+                reloads += 1;
+                thread::sleep(Duration::from_millis(20));
+                assert!(
+                    started.elapsed() < Duration::from_secs(60),
+                    "ping flood never finished"
+                );
+            }
+            flood.wait_with_output().expect("ping output")
+        };
+        stop_tx.send(()).expect("stop stream");
+        let (sent, acked) = stream.join().expect("stream thread");
+        assert_eq!(sink.join().expect("sink"), sent);
+        assert_eq!(acked, sent, "TCP stream intact across {reloads} reloads");
+
+        let (tx, rx) = ping_counts(&flood);
+        eprintln!(
+            "{reloads} reloads in {:?}; ping flood {tx} sent / {rx} received; tcp {sent} bytes",
+            started.elapsed()
+        );
+        assert!(
+            reloads >= 3,
+            "only {reloads} reloads happened during the flood"
+        );
+        assert_eq!(tx.to_string(), FLOOD_COUNT);
+        assert_eq!(rx, tx, "lost flood pings across {reloads} reloads");
+        let m = dp.metrics().expect("metrics");
+        assert!(m.redirect_peer.packets >= 40000, "{m:?}");
+        assert_eq!(m.dropped(), 0, "{m:?}");
+
+        for p in &topo.pods {
+            dp.detach(Hook::Lxc, p.lxc_ifindex).expect("detach");
+        }
+    });
+}
+
+#[test]
+fn a_pinned_link_whose_interface_was_deleted_is_replaced_on_attach() {
+    if !privileged("a_pinned_link_whose_interface_was_deleted_is_replaced_on_attach") {
+        return;
+    }
+    let pins = PinDir::new();
+    let topo = Topology::new();
+    topo.node.run_in(|| {
+        let (mut dp, _) = topo.load(&pins);
+        let gone = topo.pods[0].lxc_ifindex;
+        run(&[
+            "ip",
+            "-n",
+            &topo.node.name,
+            "link",
+            "del",
+            &topo.pods[0].lxc,
+        ]);
+        // A new interface gets the old index (set explicitly, as a reused index would be).
+        let index = gone.to_string();
+        run(&[
+            "ip",
+            "-n",
+            &topo.node.name,
+            "link",
+            "add",
+            "lxcnew",
+            "index",
+            &index,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "lxcnewpeer",
+        ]);
+        run(&["ip", "-n", &topo.node.name, "link", "set", "lxcnew", "up"]);
+        assert_eq!(
+            dp.attach_lxc(gone).expect("attach over severed pin"),
+            AttachMode::ReplacedSevered
+        );
+        assert_eq!(
+            dp.attach_lxc(gone).expect("attach again"),
+            AttachMode::Adopted
+        );
+        assert!(dp.detach(Hook::Lxc, gone).expect("detach"));
+        assert!(
+            !dp.detach(Hook::Lxc, gone).expect("detach again"),
+            "nothing left to detach"
+        );
+    });
+}
