@@ -2,23 +2,53 @@
 //!
 //! Module map:
 //! - `cluster`: `membrane up` / `down`, a local cluster of network namespaces on this machine.
+//! - `client`: reaching a running cluster's services and nodes.
+//! - `commands`: one module per subcommand group.
+//! - `output`: table / JSON / YAML printing.
 #![forbid(unsafe_code)]
 
+mod client;
 mod cluster;
+mod commands;
+mod output;
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+
+use crate::output::Format;
 
 /// eBPF networking, security and observability for Kubernetes nodes.
 #[derive(Debug, Parser)]
 #[command(name = "membrane", version, about)]
 struct Cli {
     /// Directory holding the local cluster's state (certificates, logs, pids, cluster.json).
-    #[arg(long, global = true, env = "MEMBRANE_STATE_DIR", default_value = "/run/membrane")]
+    #[arg(
+        long,
+        global = true,
+        env = "MEMBRANE_STATE_DIR",
+        default_value = "/run/membrane"
+    )]
     state_dir: PathBuf,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Args)]
+struct OutputFlag {
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table)]
+    output: Format,
+}
+
+#[derive(Debug, Args)]
+struct FileFlag {
+    /// A YAML/JSON file (multi-document), a directory of them, or `-` for stdin.
+    #[arg(short = 'f', long = "filename")]
+    file: PathBuf,
+    /// Validate only; change nothing.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -27,18 +57,91 @@ enum Command {
     Up(cluster::UpArgs),
     /// Stop the local cluster and remove everything it created.
     Down,
+    /// Health of every service and node; exits non-zero when something is down.
+    Status(OutputFlag),
+    /// List resources.
+    Get {
+        #[command(subcommand)]
+        what: GetCommand,
+    },
+    /// Create or update objects from Kubernetes-style documents.
+    Apply(FileFlag),
+    /// Delete the objects named in Kubernetes-style documents.
+    Delete(FileFlag),
+    /// Manage pod addresses directly.
+    Ipam {
+        #[command(subcommand)]
+        what: IpamCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum GetCommand {
+    /// Nodes: underlay address, pod CIDR, allocations, readiness.
+    Nodes(OutputFlag),
+    /// The address pool and every allocation.
+    Ipam(OutputFlag),
+}
+
+#[derive(Debug, Subcommand)]
+enum IpamCommand {
+    /// Allocate an address on a node.
+    Allocate {
+        /// Node name.
+        #[arg(long)]
+        node: String,
+        /// Who holds the address (one address per owner and node).
+        #[arg(long)]
+        owner: String,
+        #[command(flatten)]
+        output: OutputFlag,
+    },
+    /// Release an address.
+    Release {
+        /// Node name.
+        #[arg(long)]
+        node: String,
+        /// The address.
+        #[arg(long)]
+        ip: String,
+    },
+}
+
+async fn run(cli: Cli) -> anyhow::Result<bool> {
+    let ctx = || client::Ctx::load(&cli.state_dir);
+    match cli.command {
+        Command::Up(args) => cluster::up_command(&cli.state_dir, args).await?,
+        Command::Down => cluster::down(&cli.state_dir).await?,
+        Command::Status(o) => return commands::status::run(&ctx()?, o.output).await,
+        Command::Get {
+            what: GetCommand::Nodes(o),
+        } => commands::get::nodes(&ctx()?, o.output).await?,
+        Command::Get {
+            what: GetCommand::Ipam(o),
+        } => commands::get::ipam(&ctx()?, o.output).await?,
+        Command::Apply(f) => commands::apply::run(&ctx()?, &f.file, false, f.dry_run).await?,
+        Command::Delete(f) => commands::apply::run(&ctx()?, &f.file, true, f.dry_run).await?,
+        Command::Ipam {
+            what:
+                IpamCommand::Allocate {
+                    node,
+                    owner,
+                    output,
+                },
+        } => commands::ipam::allocate(&ctx()?, &node, &owner, output.output).await?,
+        Command::Ipam {
+            what: IpamCommand::Release { node, ip },
+        } => commands::ipam::release(&ctx()?, &node, &ip).await?,
+    }
+    Ok(true)
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     membrane_runtime::tls::install_crypto_provider();
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Up(args) => cluster::up_command(&cli.state_dir, args).await,
-        Command::Down => cluster::down(&cli.state_dir).await,
-    };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+    match run(Cli::parse()).await {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => std::process::ExitCode::FAILURE,
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE

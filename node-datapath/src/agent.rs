@@ -29,16 +29,32 @@ pub struct Args {
     #[arg(long, env = "MEMBRANE_UNDERLAY_DEV", default_value = "eth0")]
     pub underlay_dev: String,
     /// Address of the node's gRPC API.
-    #[arg(long = "listen", env = "MEMBRANE_LISTEN", default_value = "127.0.0.1:7200")]
+    #[arg(
+        long = "listen",
+        env = "MEMBRANE_LISTEN",
+        default_value = "127.0.0.1:7200"
+    )]
     pub listen: SocketAddr,
     /// IPAM service URL.
-    #[arg(long, env = "MEMBRANE_IPAM_ENDPOINT", default_value = "http://127.0.0.1:7101")]
+    #[arg(
+        long,
+        env = "MEMBRANE_IPAM_ENDPOINT",
+        default_value = "http://127.0.0.1:7101"
+    )]
     pub ipam_endpoint: String,
     /// Name IPAM's certificate carries.
-    #[arg(long, env = "MEMBRANE_IPAM_SERVER_NAME", default_value = "ipam.membrane.local")]
+    #[arg(
+        long,
+        env = "MEMBRANE_IPAM_SERVER_NAME",
+        default_value = "ipam.membrane.local"
+    )]
     pub ipam_server_name: String,
     /// bpffs directory for this node's pins.
-    #[arg(long, env = "MEMBRANE_BPF_PIN_DIR", default_value = "/sys/fs/bpf/membrane/node")]
+    #[arg(
+        long,
+        env = "MEMBRANE_BPF_PIN_DIR",
+        default_value = "/sys/fs/bpf/membrane/node"
+    )]
     pub bpf_pin_dir: PathBuf,
     /// Directory for this node's local state.
     #[arg(long, env = "MEMBRANE_STATE_DIR", default_value = "/run/membrane/node")]
@@ -53,7 +69,8 @@ pub struct Args {
 pub async fn main(args: Args) -> anyhow::Result<()> {
     let _telemetry = telemetry::init("membrane-node-datapath", &args.telemetry)?;
     let tls = args.tls.files()?;
-    let ipam_channel = rpc::connect_lazy(&args.ipam_endpoint, &args.ipam_server_name, tls.as_ref())?;
+    let ipam_channel =
+        rpc::connect_lazy(&args.ipam_endpoint, &args.ipam_server_name, tls.as_ref())?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("bind {}", args.listen))?;
@@ -64,7 +81,9 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
     let subscriber = Subscriber::new(args.node_name.clone(), "ipam", ipam_channel);
     let routes = RouteSink::new(
         args.node_name.clone(),
-        IpRouteTable { dev: args.underlay_dev.clone() },
+        IpRouteTable {
+            dev: args.underlay_dev.clone(),
+        },
     );
     let stream_task = tokio::spawn(subscriber.run(routes, std::future::pending()));
 
@@ -93,11 +112,18 @@ async fn register(args: &Args, channel: GrpcChannel) -> anyhow::Result<ipam::Nod
     loop {
         match client.register_node(req.clone()).await {
             Ok(resp) => return Ok(resp.into_inner()),
-            Err(s) if s.code() == tonic::Code::Unavailable && tokio::time::Instant::now() < deadline => {
+            Err(s)
+                if s.code() == tonic::Code::Unavailable
+                    && tokio::time::Instant::now() < deadline =>
+            {
                 tracing::warn!(error = %s.message(), "ipam not reachable yet");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            Err(s) => anyhow::bail!("register node `{}` with ipam: {}", args.node_name, s.message()),
+            Err(s) => anyhow::bail!(
+                "register node `{}` with ipam: {}",
+                args.node_name,
+                s.message()
+            ),
         }
     }
 }

@@ -11,8 +11,8 @@ use membrane_proto::ipam::v1 as ipam;
 use membrane_runtime::stream::StateSink;
 use prost_types::Any;
 
-/// Route protocol number that marks routes Membrane owns (`ip route ... proto 186`).
-pub const ROUTE_PROTO: u8 = 186;
+/// Route protocol number that marks routes Membrane owns (`ip route ... proto 177`).
+pub const ROUTE_PROTO: u8 = 177;
 
 /// A route to a pod CIDR.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -95,8 +95,15 @@ impl RouteTable for IpRouteTable {
     }
 
     fn replace(&mut self, r: &PodRoute) -> Result<(), RouteError> {
-        let (cidr, via, proto) = (r.cidr.to_string(), r.via.to_string(), ROUTE_PROTO.to_string());
-        ip(&["route", "replace", &cidr, "via", &via, "dev", &self.dev, "proto", &proto]).map(drop)
+        let (cidr, via, proto) = (
+            r.cidr.to_string(),
+            r.via.to_string(),
+            ROUTE_PROTO.to_string(),
+        );
+        ip(&[
+            "route", "replace", &cidr, "via", &via, "dev", &self.dev, "proto", &proto,
+        ])
+        .map(drop)
     }
 
     fn remove(&mut self, r: &PodRoute) -> Result<(), RouteError> {
@@ -106,16 +113,27 @@ impl RouteTable for IpRouteTable {
 }
 
 /// The routes `node` needs, from IPAM's published state.
-pub fn desired_routes(node: &str, state: &BTreeMap<String, Any>) -> Result<BTreeSet<PodRoute>, RouteError> {
+pub fn desired_routes(
+    node: &str,
+    state: &BTreeMap<String, Any>,
+) -> Result<BTreeSet<PodRoute>, RouteError> {
     let mut routes = BTreeSet::new();
     for (key, value) in state.range("node/".to_string()..) {
-        let Some(name) = key.strip_prefix("node/") else { break };
-        let bad = |reason: String| RouteError::BadResource { key: key.clone(), reason };
+        let Some(name) = key.strip_prefix("node/") else {
+            break;
+        };
+        let bad = |reason: String| RouteError::BadResource {
+            key: key.clone(),
+            reason,
+        };
         let n: ipam::NodeCidr = value.to_msg().map_err(|e| bad(e.to_string()))?;
         if name == node {
             continue;
         }
-        let cidr = n.pod_cidr.parse().map_err(|_| bad(format!("pod_cidr `{}` is not a CIDR", n.pod_cidr)))?;
+        let cidr = n
+            .pod_cidr
+            .parse()
+            .map_err(|_| bad(format!("pod_cidr `{}` is not a CIDR", n.pod_cidr)))?;
         let via = n
             .underlay_ip
             .parse()
@@ -135,7 +153,10 @@ pub struct RouteSink<T> {
 impl<T: RouteTable> RouteSink<T> {
     /// Programs `table` for `node`.
     pub fn new(node: impl Into<String>, table: T) -> Self {
-        Self { node: node.into(), table }
+        Self {
+            node: node.into(),
+            table,
+        }
     }
 
     /// Makes the table hold exactly the desired routes. Validates everything
@@ -154,7 +175,12 @@ impl<T: RouteTable> RouteSink<T> {
 }
 
 impl<T: RouteTable> StateSink for RouteSink<T> {
-    async fn apply(&mut self, version: u64, state: &BTreeMap<String, Any>, _changed: &[String]) -> Result<(), String> {
+    async fn apply(
+        &mut self,
+        version: u64,
+        state: &BTreeMap<String, Any>,
+        _changed: &[String],
+    ) -> Result<(), String> {
         self.reconcile(state).map_err(|e| e.to_string())?;
         tracing::debug!(version, "routes reconciled");
         Ok(())
@@ -183,7 +209,11 @@ mod tests {
     }
 
     fn node(name: &str, cidr: &str, via: &str) -> (String, Any) {
-        let msg = ipam::NodeCidr { node: name.into(), underlay_ip: via.into(), pod_cidr: cidr.into() };
+        let msg = ipam::NodeCidr {
+            node: name.into(),
+            underlay_ip: via.into(),
+            pod_cidr: cidr.into(),
+        };
         (format!("node/{name}"), Any::from_msg(&msg).expect("encode"))
     }
 
@@ -208,7 +238,9 @@ mod tests {
     #[test]
     fn a_bad_resource_changes_nothing() {
         let mut sink = RouteSink::new("node-1", FakeTable::default());
-        let good: BTreeMap<_, _> = [node("node-2", "10.200.1.0/24", "10.99.0.12")].into_iter().collect();
+        let good: BTreeMap<_, _> = [node("node-2", "10.200.1.0/24", "10.99.0.12")]
+            .into_iter()
+            .collect();
         sink.reconcile(&good).expect("reconcile");
         let mut bad = good.clone();
         bad.extend([node("node-3", "not-a-cidr", "10.99.0.13")]);

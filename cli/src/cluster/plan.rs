@@ -30,7 +30,9 @@ pub enum PlanError {
     #[error("--nodes must be between 1 and {MAX_NODES}, got {0}")]
     NodeCount(u32),
     /// The underlay is too small for `.200`.
-    #[error("--underlay-cidr `{0}` is too small: it needs host addresses up to .200 (use a /24 or larger)")]
+    #[error(
+        "--underlay-cidr `{0}` is too small: it needs host addresses up to .200 (use a /24 or larger)"
+    )]
     UnderlayTooSmall(Ipv4Net),
     /// `--node-mask-size` does not fit the cluster CIDR.
     #[error("--node-mask-size {mask} must be between the cluster prefix length {prefix} and 30")]
@@ -204,13 +206,19 @@ mod tests {
     fn host_device_names_fit_the_kernel_limit_for_the_largest_cluster() {
         let plan = default_plan(MAX_NODES).expect("plan");
         assert!(plan.members().all(|m| m.host_dev.len() <= 15));
-        assert_eq!(plan.nodes.last().map(|m| m.ip), Some(Ipv4Addr::new(10, 99, 0, 199)));
+        assert_eq!(
+            plan.nodes.last().map(|m| m.ip),
+            Some(Ipv4Addr::new(10, 99, 0, 199))
+        );
     }
 
     #[test]
     fn bad_flags_are_rejected_before_anything_is_created() {
         assert_eq!(default_plan(0), Err(PlanError::NodeCount(0)));
-        assert_eq!(default_plan(MAX_NODES + 1), Err(PlanError::NodeCount(MAX_NODES + 1)));
+        assert_eq!(
+            default_plan(MAX_NODES + 1),
+            Err(PlanError::NodeCount(MAX_NODES + 1))
+        );
         assert!(matches!(
             Plan::new(2, net("10.99.0.0/25"), net("10.200.0.0/16"), 24),
             Err(PlanError::UnderlayTooSmall(_))

@@ -12,7 +12,11 @@ use crate::tls::TlsFiles;
 #[derive(Debug, Clone, Args)]
 pub struct ListenFlags {
     /// Address the gRPC server binds (`127.0.0.1:0` picks a free port).
-    #[arg(long = "listen", env = "MEMBRANE_LISTEN", default_value = "127.0.0.1:0")]
+    #[arg(
+        long = "listen",
+        env = "MEMBRANE_LISTEN",
+        default_value = "127.0.0.1:0"
+    )]
     pub listen: SocketAddr,
 }
 
@@ -58,7 +62,11 @@ pub struct EtcdFlags {
     )]
     pub endpoints: Vec<String>,
     /// Key prefix under which this cluster keeps its state.
-    #[arg(long = "etcd-prefix", env = "MEMBRANE_ETCD_PREFIX", default_value = "/membrane")]
+    #[arg(
+        long = "etcd-prefix",
+        env = "MEMBRANE_ETCD_PREFIX",
+        default_value = "/membrane"
+    )]
     pub prefix: String,
 }
 

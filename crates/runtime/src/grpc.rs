@@ -79,7 +79,8 @@ fn rpc_span(req: &http::Request<()>) -> tracing::Span {
         p.extract(&HeaderExtractor(req.headers()))
     });
     let path = req.uri().path();
-    let span = tracing::info_span!("rpc", otel.name = %path, rpc.system = "grpc", otel.kind = "server");
+    let span =
+        tracing::info_span!("rpc", otel.name = %path, rpc.system = "grpc", otel.kind = "server");
     let _ = span.set_parent(parent);
     span
 }
@@ -124,7 +125,10 @@ pub fn connect_lazy(
             .tls_config(tls.client_config(server_name)?)
             .with_context(|| format!("configure tls for `{url}`"))?;
     }
-    Ok(InterceptedService::new(endpoint.connect_lazy(), TracePropagation))
+    Ok(InterceptedService::new(
+        endpoint.connect_lazy(),
+        TracePropagation,
+    ))
 }
 
 /// Like [`connect_lazy`], but fails at once when the server cannot be reached.

@@ -139,9 +139,17 @@ pub trait ObjectHandler: Send + Sync + 'static {
     /// `(apiVersion, kind)` pairs this handler owns.
     fn kinds(&self) -> Vec<(&'static str, &'static str)>;
     /// Validates and (unless `dry_run`) stores `objects`. Returns a line per object.
-    async fn apply(&self, objects: Vec<KubeObject>, dry_run: bool) -> Result<Vec<String>, HandlerError>;
+    async fn apply(
+        &self,
+        objects: Vec<KubeObject>,
+        dry_run: bool,
+    ) -> Result<Vec<String>, HandlerError>;
     /// Deletes `objects` (unless `dry_run`). Returns a line per object.
-    async fn delete(&self, objects: Vec<KubeObject>, dry_run: bool) -> Result<Vec<String>, HandlerError>;
+    async fn delete(
+        &self,
+        objects: Vec<KubeObject>,
+        dry_run: bool,
+    ) -> Result<Vec<String>, HandlerError>;
     /// Stored objects of `kind` (every owned kind when empty), as documents.
     async fn list(&self, kind: &str) -> Result<Vec<serde_json::Value>, HandlerError>;
 }
@@ -202,7 +210,10 @@ impl<H: ObjectHandler> ObjectsService<H> {
                         ObjectError::new(
                             &obj,
                             "kind",
-                            format!("`{}/{}` is not served here (serves {owned})", obj.api_version, obj.kind),
+                            format!(
+                                "`{}/{}` is not served here (serves {owned})",
+                                obj.api_version, obj.kind
+                            ),
                         )
                         .to_string(),
                     ));
@@ -215,21 +226,30 @@ impl<H: ObjectHandler> ObjectsService<H> {
 
 #[tonic::async_trait]
 impl<H: ObjectHandler> pb::objects_server::Objects for ObjectsService<H> {
-    async fn apply(&self, request: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
+    async fn apply(
+        &self,
+        request: Request<pb::ApplyRequest>,
+    ) -> Result<Response<pb::ApplyResponse>, Status> {
         let req = request.into_inner();
         let objects = self.decode(req.objects)?;
         let results = self.handler.apply(objects, req.dry_run).await?;
         Ok(Response::new(pb::ApplyResponse { results }))
     }
 
-    async fn delete(&self, request: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
+    async fn delete(
+        &self,
+        request: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
         let req = request.into_inner();
         let objects = self.decode(req.objects)?;
         let results = self.handler.delete(objects, req.dry_run).await?;
         Ok(Response::new(pb::DeleteResponse { results }))
     }
 
-    async fn list(&self, request: Request<pb::ListRequest>) -> Result<Response<pb::ListResponse>, Status> {
+    async fn list(
+        &self,
+        request: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListResponse>, Status> {
         let kind = request.into_inner().kind;
         let docs = self.handler.list(&kind).await?;
         let objects = docs
@@ -249,8 +269,11 @@ mod tests {
 
     #[test]
     fn a_document_without_a_name_is_rejected_naming_the_field() {
-        let err = KubeObject::from_json("f.yaml#1", r#"{"apiVersion":"v1","kind":"Node","metadata":{}}"#)
-            .expect_err("must fail");
+        let err = KubeObject::from_json(
+            "f.yaml#1",
+            r#"{"apiVersion":"v1","kind":"Node","metadata":{}}"#,
+        )
+        .expect_err("must fail");
         assert_eq!(err.field, "metadata.name");
         assert!(err.to_string().starts_with("f.yaml#1: Node/"), "{err}");
     }

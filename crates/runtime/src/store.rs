@@ -38,7 +38,9 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("prefix", &self.prefix).finish()
+        f.debug_struct("Store")
+            .field("prefix", &self.prefix)
+            .finish()
     }
 }
 
@@ -103,8 +105,11 @@ impl Store {
         match resp.kvs().first() {
             None => Ok(None),
             Some(kv) => {
-                let v = serde_json::from_slice(kv.value())
-                    .map_err(|source| StoreError::Corrupt { key: key.clone(), source })?;
+                let v =
+                    serde_json::from_slice(kv.value()).map_err(|source| StoreError::Corrupt {
+                        key: key.clone(),
+                        source,
+                    })?;
                 Ok(Some((v, kv.mod_revision())))
             }
         }
@@ -125,8 +130,11 @@ impl Store {
             .iter()
             .map(|kv| {
                 let key = String::from_utf8_lossy(kv.key()).into_owned();
-                let v = serde_json::from_slice(kv.value())
-                    .map_err(|source| StoreError::Corrupt { key: key.clone(), source })?;
+                let v =
+                    serde_json::from_slice(kv.value()).map_err(|source| StoreError::Corrupt {
+                        key: key.clone(),
+                        source,
+                    })?;
                 Ok((self.rel(&key).to_string(), v))
             })
             .collect()
@@ -138,7 +146,10 @@ impl Store {
         let resp = self
             .client
             .clone()
-            .get(prefix.as_str(), Some(GetOptions::new().with_prefix().with_keys_only()))
+            .get(
+                prefix.as_str(),
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            )
             .await?;
         Ok(resp
             .kvs()
@@ -163,7 +174,11 @@ pub trait ResourceMapper: Send + Sync + 'static {
     fn value(&self, rel: &str, value: &[u8]) -> Option<prost_types::Any>;
 }
 
-fn map_kv(mapper: &dyn ResourceMapper, rel: &str, value: &[u8]) -> Option<(String, Scope, prost_types::Any)> {
+fn map_kv(
+    mapper: &dyn ResourceMapper,
+    rel: &str,
+    value: &[u8],
+) -> Option<(String, Scope, prost_types::Any)> {
     let (key, scope) = mapper.key(rel)?;
     match mapper.value(rel, value) {
         Some(v) => Some((key, scope, v)),
@@ -200,19 +215,31 @@ async fn feed_once(
     publisher: &Publisher,
 ) -> Result<(), etcd_client::Error> {
     let mut client = store.client();
-    let resp = client.get(prefix, Some(GetOptions::new().with_prefix())).await?;
+    let resp = client
+        .get(prefix, Some(GetOptions::new().with_prefix()))
+        .await?;
     let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
     let resources = resp
         .kvs()
         .iter()
-        .filter_map(|kv| map_kv(mapper, store.rel(&String::from_utf8_lossy(kv.key())), kv.value()))
+        .filter_map(|kv| {
+            map_kv(
+                mapper,
+                store.rel(&String::from_utf8_lossy(kv.key())),
+                kv.value(),
+            )
+        })
         .collect();
     publisher.replace_all(revision as u64, resources);
 
     let mut stream = client
         .watch(
             prefix,
-            Some(WatchOptions::new().with_prefix().with_start_revision(revision + 1)),
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(revision + 1),
+            ),
         )
         .await?;
     while let Some(resp) = stream.message().await? {

@@ -36,6 +36,7 @@ pub fn init(service: &'static str, flags: &TelemetryFlags) -> anyhow::Result<Tel
         .with_context(|| format!("invalid --log filter `{}`", flags.log))?;
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(true);
     let mut guard = TelemetryGuard::default();
     let otel = match &flags.otlp_endpoint {

@@ -11,11 +11,18 @@ use membrane_runtime::stream::{Change, Publisher, Scope, StateSink, Subscriber};
 use prost_types::Any;
 
 fn any(v: &str) -> Any {
-    Any { type_url: "test/v".into(), value: v.as_bytes().to_vec() }
+    Any {
+        type_url: "test/v".into(),
+        value: v.as_bytes().to_vec(),
+    }
 }
 
 fn upsert(key: &str, scope: Scope, v: &str) -> Change {
-    Change::Upsert { key: key.into(), scope, value: any(v) }
+    Change::Upsert {
+        key: key.into(),
+        scope,
+        value: any(v),
+    }
 }
 
 /// Records every state it was asked to apply; can be told to refuse.
@@ -33,11 +40,19 @@ impl Recorder {
 }
 
 impl StateSink for Recorder {
-    async fn apply(&mut self, version: u64, state: &BTreeMap<String, Any>, _changed: &[String]) -> Result<(), String> {
+    async fn apply(
+        &mut self,
+        version: u64,
+        state: &BTreeMap<String, Any>,
+        _changed: &[String],
+    ) -> Result<(), String> {
         if let Some(r) = self.refuse.lock().expect("lock").clone() {
             return Err(r);
         }
-        self.applied.lock().expect("lock").push((version, state.clone()));
+        self.applied
+            .lock()
+            .expect("lock")
+            .push((version, state.clone()));
         Ok(())
     }
 }
@@ -67,7 +82,10 @@ async fn serve_on(publisher: &Publisher, addr: &str) -> Served {
         let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
         grpc::serve(listener, routes, &[], None, std::future::pending()).await
     });
-    Served { url, runtime: Some(runtime) }
+    Served {
+        url,
+        runtime: Some(runtime),
+    }
 }
 
 impl Served {
@@ -105,23 +123,51 @@ fn start_subscriber(node: &str, url: &str, sink: Recorder) -> tokio::task::JoinH
 #[tokio::test]
 async fn a_node_gets_a_snapshot_then_updates_and_sees_only_its_scope() {
     let publisher = Publisher::new();
-    publisher.apply(5, vec![
-        upsert("all/a", Scope::All, "1"),
-        upsert("n1/x", Scope::Node("node-1".into()), "2"),
-        upsert("n2/y", Scope::Node("node-2".into()), "3"),
-    ]);
+    publisher.apply(
+        5,
+        vec![
+            upsert("all/a", Scope::All, "1"),
+            upsert("n1/x", Scope::Node("node-1".into()), "2"),
+            upsert("n2/y", Scope::Node("node-2".into()), "3"),
+        ],
+    );
     let served = serve(&publisher).await;
     let rec = Recorder::default();
     let sub = start_subscriber("node-1", &served.url, rec.clone());
-    eventually("snapshot applied", || rec.last() == Some((5, vec!["all/a".into(), "n1/x".into()]))).await;
+    eventually("snapshot applied", || {
+        rec.last() == Some((5, vec!["all/a".into(), "n1/x".into()]))
+    })
+    .await;
 
     publisher.apply(6, vec![upsert("n2/z", Scope::Node("node-2".into()), "4")]);
-    publisher.apply(7, vec![Change::Remove { key: "n1/x".into() }, upsert("all/b", Scope::All, "5")]);
-    eventually("update applied", || rec.last() == Some((7, vec!["all/a".into(), "all/b".into()]))).await;
+    publisher.apply(
+        7,
+        vec![
+            Change::Remove { key: "n1/x".into() },
+            upsert("all/b", Scope::All, "5"),
+        ],
+    );
+    eventually("update applied", || {
+        rec.last() == Some((7, vec!["all/a".into(), "all/b".into()]))
+    })
+    .await;
     // Version 6 held nothing for node-1, so it was never sent to it.
-    assert!(rec.applied.lock().expect("lock").iter().all(|(v, _)| *v != 6));
+    assert!(
+        rec.applied
+            .lock()
+            .expect("lock")
+            .iter()
+            .all(|(v, _)| *v != 6)
+    );
 
-    eventually("ack recorded", || publisher.deliveries().get("node-1").map(|d| d.acked_version) == Some(7)).await;
+    eventually("ack recorded", || {
+        publisher
+            .deliveries()
+            .get("node-1")
+            .map(|d| d.acked_version)
+            == Some(7)
+    })
+    .await;
     sub.abort();
     served.stop().await;
 }
@@ -150,12 +196,19 @@ async fn a_refused_update_is_nacked_with_its_reason_and_retried() {
     *rec.refuse.lock().expect("lock") = Some("map full".into());
     let sub = start_subscriber("node-1", &served.url, rec.clone());
     eventually("nack recorded", || {
-        publisher.deliveries().get("node-1").map(|d| (d.nacked_version, d.nack_reason.clone())) == Some((1, "map full".into()))
+        publisher
+            .deliveries()
+            .get("node-1")
+            .map(|d| (d.nacked_version, d.nack_reason.clone()))
+            == Some((1, "map full".into()))
     })
     .await;
     assert_eq!(publisher.deliveries()["node-1"].acked_version, 0);
     *rec.refuse.lock().expect("lock") = None;
-    eventually("retried and acked", || publisher.deliveries()["node-1"].acked_version == 1).await;
+    eventually("retried and acked", || {
+        publisher.deliveries()["node-1"].acked_version == 1
+    })
+    .await;
     sub.abort();
     served.stop().await;
 }
@@ -163,25 +216,49 @@ async fn a_refused_update_is_nacked_with_its_reason_and_retried() {
 #[tokio::test]
 async fn a_reconnect_keeps_the_state_until_the_new_snapshot_is_complete() {
     let publisher = Publisher::new();
-    let big: Vec<Change> = (0..2000).map(|i| upsert(&format!("r/{i:05}"), Scope::All, "v")).collect();
+    let big: Vec<Change> = (0..2000)
+        .map(|i| upsert(&format!("r/{i:05}"), Scope::All, "v"))
+        .collect();
     publisher.apply(1, big);
     let served = serve(&publisher).await;
     let addr = served.url.trim_start_matches("http://").to_string();
     let rec = Recorder::default();
     let sub = start_subscriber("node-1", &served.url, rec.clone());
-    eventually("first snapshot", || rec.last().map(|(_, k)| k.len()) == Some(2000)).await;
-    assert_eq!(rec.applied.lock().expect("lock").len(), 1, "a multi-message snapshot is applied once, whole");
+    eventually("first snapshot", || {
+        rec.last().map(|(_, k)| k.len()) == Some(2000)
+    })
+    .await;
+    assert_eq!(
+        rec.applied.lock().expect("lock").len(),
+        1,
+        "a multi-message snapshot is applied once, whole"
+    );
 
     // The service goes away; the node keeps its state and nothing is applied.
     served.stop().await;
-    publisher.apply(2, vec![Change::Remove { key: "r/00000".into() }]);
+    publisher.apply(
+        2,
+        vec![Change::Remove {
+            key: "r/00000".into(),
+        }],
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(rec.applied.lock().expect("lock").len(), 1);
 
     // It comes back on the same address: one whole new snapshot is applied.
     let served = serve_on(&publisher, &addr).await;
-    eventually("second snapshot", || rec.last().map(|(v, k)| (v, k.len())) == Some((2, 1999))).await;
-    assert!(rec.applied.lock().expect("lock").iter().all(|(_, s)| s.len() >= 1999), "never a partial state");
+    eventually("second snapshot", || {
+        rec.last().map(|(v, k)| (v, k.len())) == Some((2, 1999))
+    })
+    .await;
+    assert!(
+        rec.applied
+            .lock()
+            .expect("lock")
+            .iter()
+            .all(|(_, s)| s.len() >= 1999),
+        "never a partial state"
+    );
     sub.abort();
     served.stop().await;
 }
@@ -194,14 +271,28 @@ async fn garbage_on_the_stream_is_refused_with_a_clear_error() {
     let mut client = pb::desired_state_client::DesiredStateClient::new(channel);
 
     // An ACK before any HELLO.
-    let msgs = vec![pb::SubscribeRequest { kind: Some(pb::subscribe_request::Kind::Ack(pb::Ack { version: 3 })) }];
-    let err = client.subscribe(tokio_stream::iter(msgs)).await.expect_err("must refuse");
+    let msgs = vec![pb::SubscribeRequest {
+        kind: Some(pb::subscribe_request::Kind::Ack(pb::Ack { version: 3 })),
+    }];
+    let err = client
+        .subscribe(tokio_stream::iter(msgs))
+        .await
+        .expect_err("must refuse");
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    assert!(err.message().contains("first message must be `hello`"), "{}", err.message());
+    assert!(
+        err.message().contains("first message must be `hello`"),
+        "{}",
+        err.message()
+    );
 
     // A HELLO without a node name.
-    let msgs = vec![pb::SubscribeRequest { kind: Some(pb::subscribe_request::Kind::Hello(pb::Hello::default())) }];
-    let err = client.subscribe(tokio_stream::iter(msgs)).await.expect_err("must refuse");
+    let msgs = vec![pb::SubscribeRequest {
+        kind: Some(pb::subscribe_request::Kind::Hello(pb::Hello::default())),
+    }];
+    let err = client
+        .subscribe(tokio_stream::iter(msgs))
+        .await
+        .expect_err("must refuse");
     assert!(err.message().contains("hello.node"), "{}", err.message());
     assert!(publisher.deliveries().is_empty(), "no node was recorded");
     served.stop().await;

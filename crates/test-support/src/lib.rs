@@ -113,7 +113,8 @@ impl Etcd {
             match ok.await {
                 Ok(_) => return Ok(()),
                 Err(e) if Instant::now() > deadline => {
-                    let log = std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default();
+                    let log = std::fs::read_to_string(self.dir.path().join("etcd.log"))
+                        .unwrap_or_default();
                     anyhow::bail!("etcd did not come up: {e}\n{log}");
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,

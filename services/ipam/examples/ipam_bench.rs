@@ -42,16 +42,23 @@ async fn main() -> anyhow::Result<()> {
     let n: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(2000);
     let concurrency: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(16);
     let etcd = Etcd::start().await?;
-    let flags = EtcdFlags { endpoints: vec![etcd.endpoint()], prefix: "/membrane".into() };
+    let flags = EtcdFlags {
+        endpoints: vec![etcd.endpoint()],
+        prefix: "/membrane".into(),
+    };
 
     // Baseline: raw puts of a value of the same size, same concurrency.
     let raw = Store::connect(&flags, Duration::from_secs(5)).await?;
     let raw_time = run_concurrently(n, concurrency, |i| {
         let mut c = raw.client();
         async move {
-            c.put(format!("/bench/raw/{i}"), br#"{"node":"node-1","ip":"10.200.0.2","owner":"bench/pod-000000"}"#.to_vec(), None)
-                .await
-                .expect("put");
+            c.put(
+                format!("/bench/raw/{i}"),
+                br#"{"node":"node-1","ip":"10.200.0.2","owner":"bench/pod-000000"}"#.to_vec(),
+                None,
+            )
+            .await
+            .expect("put");
         }
     })
     .await;
@@ -62,20 +69,33 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
     let routes = tonic::service::Routes::new(IpamService::new(ipam.clone()));
-    tokio::spawn(grpc::serve(listener, routes, &[], None, std::future::pending()));
+    tokio::spawn(grpc::serve(
+        listener,
+        routes,
+        &[],
+        None,
+        std::future::pending(),
+    ));
     let channel = grpc::connect(&url, "", None).await?;
     let mut client = pb::ipam_client::IpamClient::new(channel.clone());
     for k in 1..=4 {
         client
-            .register_node(pb::RegisterNodeRequest { node: format!("node-{k}"), underlay_ip: format!("10.99.0.{}", 10 + k), pod_cidr: String::new() })
+            .register_node(pb::RegisterNodeRequest {
+                node: format!("node-{k}"),
+                underlay_ip: format!("10.99.0.{}", 10 + k),
+                pod_cidr: String::new(),
+            })
             .await?;
     }
     let ipam_time = run_concurrently(n, concurrency, |i| {
         let mut c = pb::ipam_client::IpamClient::new(channel.clone());
         async move {
-            c.allocate(pb::AllocateRequest { node: format!("node-{}", i % 4 + 1), owner: format!("bench/pod-{i:06}") })
-                .await
-                .expect("allocate");
+            c.allocate(pb::AllocateRequest {
+                node: format!("node-{}", i % 4 + 1),
+                owner: format!("bench/pod-{i:06}"),
+            })
+            .await
+            .expect("allocate");
         }
     })
     .await;

@@ -14,11 +14,13 @@ impl From<IpamError> for Status {
     fn from(e: IpamError) -> Self {
         let msg = e.to_string();
         match e {
-            IpamError::InvalidCidr { .. } | IpamError::InvalidIp { .. } | IpamError::Empty { .. } => {
-                Status::invalid_argument(msg)
-            }
+            IpamError::InvalidCidr { .. }
+            | IpamError::InvalidIp { .. }
+            | IpamError::Empty { .. } => Status::invalid_argument(msg),
             IpamError::UnknownNode(_) => Status::not_found(msg),
-            IpamError::Exhausted { .. } | IpamError::ClusterExhausted(_) => Status::resource_exhausted(msg),
+            IpamError::Exhausted { .. } | IpamError::ClusterExhausted(_) => {
+                Status::resource_exhausted(msg)
+            }
             IpamError::NotAllocated { .. }
             | IpamError::CidrTaken { .. }
             | IpamError::CidrMismatch { .. }
@@ -65,8 +67,15 @@ fn allocation(a: AllocRecord, cidr: ipnet::Ipv4Net) -> pb::Allocation {
 
 #[tonic::async_trait]
 impl pb::ipam_server::Ipam for IpamService {
-    async fn register_node(&self, req: Request<pb::RegisterNodeRequest>) -> Result<Response<pb::NodeInfo>, Status> {
-        let pb::RegisterNodeRequest { node, underlay_ip, pod_cidr } = req.into_inner();
+    async fn register_node(
+        &self,
+        req: Request<pb::RegisterNodeRequest>,
+    ) -> Result<Response<pb::NodeInfo>, Status> {
+        let pb::RegisterNodeRequest {
+            node,
+            underlay_ip,
+            pod_cidr,
+        } = req.into_inner();
         let underlay = pool::parse_ip("underlay_ip", &underlay_ip)?;
         let requested = match pod_cidr.as_str() {
             "" => None,
@@ -76,13 +85,19 @@ impl pb::ipam_server::Ipam for IpamService {
         Ok(Response::new(self.node_info(rec).await?))
     }
 
-    async fn remove_node(&self, req: Request<pb::RemoveNodeRequest>) -> Result<Response<pb::RemoveNodeResponse>, Status> {
+    async fn remove_node(
+        &self,
+        req: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::RemoveNodeResponse>, Status> {
         let pb::RemoveNodeRequest { node, force } = req.into_inner();
         self.store.remove_node(&node, force).await?;
         Ok(Response::new(pb::RemoveNodeResponse {}))
     }
 
-    async fn list_nodes(&self, _req: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
+    async fn list_nodes(
+        &self,
+        _req: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
         let mut nodes = Vec::new();
         for n in self.store.nodes().await? {
             nodes.push(self.node_info(n).await?);
@@ -90,13 +105,19 @@ impl pb::ipam_server::Ipam for IpamService {
         Ok(Response::new(pb::ListNodesResponse { nodes }))
     }
 
-    async fn allocate(&self, req: Request<pb::AllocateRequest>) -> Result<Response<pb::Allocation>, Status> {
+    async fn allocate(
+        &self,
+        req: Request<pb::AllocateRequest>,
+    ) -> Result<Response<pb::Allocation>, Status> {
         let pb::AllocateRequest { node, owner } = req.into_inner();
         let (a, cidr) = self.store.allocate(&node, &owner).await?;
         Ok(Response::new(allocation(a, cidr)))
     }
 
-    async fn release(&self, req: Request<pb::ReleaseRequest>) -> Result<Response<pb::ReleaseResponse>, Status> {
+    async fn release(
+        &self,
+        req: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
         let pb::ReleaseRequest { node, ip } = req.into_inner();
         let ip = pool::parse_ip("ip", &ip)?;
         self.store.release(&node, ip).await?;
@@ -129,7 +150,10 @@ impl pb::ipam_server::Ipam for IpamService {
         Ok(Response::new(pb::ListAllocationsResponse { allocations }))
     }
 
-    async fn get_pool(&self, _req: Request<pb::GetPoolRequest>) -> Result<Response<pb::PoolInfo>, Status> {
+    async fn get_pool(
+        &self,
+        _req: Request<pb::GetPoolRequest>,
+    ) -> Result<Response<pb::PoolInfo>, Status> {
         let cfg = self.store.config();
         let nodes = self.store.nodes().await?.len() as u32;
         Ok(Response::new(pb::PoolInfo {
@@ -185,15 +209,24 @@ mod tests {
     #[test]
     fn nodes_are_published_to_all_and_allocations_to_their_node() {
         let m = IpamResources;
-        assert_eq!(m.key("ipam/nodes/node-1"), Some(("node/node-1".into(), Scope::All)));
+        assert_eq!(
+            m.key("ipam/nodes/node-1"),
+            Some(("node/node-1".into(), Scope::All))
+        );
         assert_eq!(
             m.key("ipam/allocs/node-2/10.200.1.7"),
-            Some(("alloc/node-2/10.200.1.7".into(), Scope::Node("node-2".into())))
+            Some((
+                "alloc/node-2/10.200.1.7".into(),
+                Scope::Node("node-2".into())
+            ))
         );
         assert_eq!(m.key("ipam/owners/node-2/x"), None);
         assert_eq!(m.key("ipam/config"), None);
         let v = m
-            .value("ipam/nodes/node-1", br#"{"name":"node-1","underlay_ip":"10.99.0.11","pod_cidr":"10.200.0.0/24"}"#)
+            .value(
+                "ipam/nodes/node-1",
+                br#"{"name":"node-1","underlay_ip":"10.99.0.11","pod_cidr":"10.200.0.0/24"}"#,
+            )
             .expect("decodes");
         let n: pb::NodeCidr = v.to_msg().expect("a NodeCidr");
         assert_eq!(n.pod_cidr, "10.200.0.0/24");

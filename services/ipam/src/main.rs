@@ -6,7 +6,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 use membrane_ipam::{grpc, objects, pool, store};
-use membrane_runtime::{flags, grpc as rpc, objects::ObjectsService, store::Store, stream::Publisher, telemetry};
+use membrane_runtime::{
+    flags, grpc as rpc, objects::ObjectsService, store::Store, stream::Publisher, telemetry,
+};
 
 /// Cluster-pool IPAM for Membrane.
 #[derive(Debug, Parser)]
@@ -52,6 +54,15 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, pool = %config, "membrane-ipam serving");
     let routes = tonic::service::Routes::new(grpc::IpamService::new(ipam.clone()))
         .add_service(publisher.service())
-        .add_service(ObjectsService::new(Arc::new(objects::NodeObjects::new(ipam))));
-    rpc::serve(listener, routes, &["membrane.ipam.v1.Ipam"], tls.as_ref(), rpc::shutdown_signal()).await
+        .add_service(ObjectsService::new(Arc::new(objects::NodeObjects::new(
+            ipam,
+        ))));
+    rpc::serve(
+        listener,
+        routes,
+        &["membrane.ipam.v1.Ipam"],
+        tls.as_ref(),
+        rpc::shutdown_signal(),
+    )
+    .await
 }

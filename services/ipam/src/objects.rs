@@ -86,11 +86,18 @@ impl NodeObjects {
     fn validate(&self, obj: &KubeObject) -> Result<NodeIntent, ObjectError> {
         let doc: NodeDoc = obj.parse()?;
         if obj.metadata.namespace.is_some() {
-            return Err(ObjectError::new(obj, "metadata.namespace", "Node is cluster-scoped"));
+            return Err(ObjectError::new(
+                obj,
+                "metadata.namespace",
+                "Node is cluster-scoped",
+            ));
         }
         let wrap = |field: &str, e: IpamError| ObjectError::new(obj, field, e.to_string());
         let (field, underlay) = match obj.metadata.annotations.get(UNDERLAY_ANNOTATION) {
-            Some(v) => (format!("metadata.annotations[{UNDERLAY_ANNOTATION}]"), v.clone()),
+            Some(v) => (
+                format!("metadata.annotations[{UNDERLAY_ANNOTATION}]"),
+                v.clone(),
+            ),
             None => {
                 let addr = doc
                     .status
@@ -104,7 +111,10 @@ impl NodeObjects {
                             format!("an InternalIP address or the {UNDERLAY_ANNOTATION} annotation is required"),
                         )
                     })?;
-                (format!("status.addresses[{}].address", addr.0), addr.1.address.clone())
+                (
+                    format!("status.addresses[{}].address", addr.0),
+                    addr.1.address.clone(),
+                )
             }
         };
         let underlay_ip = pool::parse_ip(&field, &underlay).map_err(|e| wrap(&field, e))?;
@@ -145,7 +155,11 @@ impl ObjectHandler for NodeObjects {
         vec![("v1", "Node")]
     }
 
-    async fn apply(&self, objects: Vec<KubeObject>, dry_run: bool) -> Result<Vec<String>, HandlerError> {
+    async fn apply(
+        &self,
+        objects: Vec<KubeObject>,
+        dry_run: bool,
+    ) -> Result<Vec<String>, HandlerError> {
         // Validate everything, including against stored state, before writing anything.
         let mut intents = Vec::new();
         for obj in &objects {
@@ -157,14 +171,24 @@ impl ObjectHandler for NodeObjects {
                         return Err(ObjectError::new(
                             obj,
                             "spec.podCIDR",
-                            format!("node already has pod CIDR {}; a node's CIDR cannot change", n.pod_cidr),
+                            format!(
+                                "node already has pod CIDR {}; a node's CIDR cannot change",
+                                n.pod_cidr
+                            ),
                         )
                         .into());
                     }
                     Some(_) => {}
                     None => {
-                        if let Some(holder) = self.store.cidr_holder(cidr).await.map_err(conflict)? {
-                            return Err(ObjectError::new(obj, "spec.podCIDR", format!("{cidr} is held by node `{holder}`")).into());
+                        if let Some(holder) =
+                            self.store.cidr_holder(cidr).await.map_err(conflict)?
+                        {
+                            return Err(ObjectError::new(
+                                obj,
+                                "spec.podCIDR",
+                                format!("{cidr} is held by node `{holder}`"),
+                            )
+                            .into());
                         }
                     }
                 }
@@ -193,12 +217,33 @@ impl ObjectHandler for NodeObjects {
         Ok(results)
     }
 
-    async fn delete(&self, objects: Vec<KubeObject>, dry_run: bool) -> Result<Vec<String>, HandlerError> {
+    async fn delete(
+        &self,
+        objects: Vec<KubeObject>,
+        dry_run: bool,
+    ) -> Result<Vec<String>, HandlerError> {
         let mut names = Vec::new();
         for obj in &objects {
-            let exists = self.store.node(&obj.metadata.name).await.map_err(conflict)?.is_some();
-            if exists && !self.store.allocations(Some(&obj.metadata.name)).await.map_err(conflict)?.is_empty() {
-                return Err(ObjectError::new(obj, "metadata.name", "node still has allocated addresses; remove its pods first").into());
+            let exists = self
+                .store
+                .node(&obj.metadata.name)
+                .await
+                .map_err(conflict)?
+                .is_some();
+            if exists
+                && !self
+                    .store
+                    .allocations(Some(&obj.metadata.name))
+                    .await
+                    .map_err(conflict)?
+                    .is_empty()
+            {
+                return Err(ObjectError::new(
+                    obj,
+                    "metadata.name",
+                    "node still has allocated addresses; remove its pods first",
+                )
+                .into());
             }
             names.push((obj.metadata.name.clone(), exists));
         }
@@ -209,9 +254,15 @@ impl ObjectHandler for NodeObjects {
                 continue;
             }
             if !dry_run {
-                self.store.remove_node(&name, false).await.map_err(conflict)?;
+                self.store
+                    .remove_node(&name, false)
+                    .await
+                    .map_err(conflict)?;
             }
-            results.push(format!("node/{name} deleted{}", if dry_run { " (dry run)" } else { "" }));
+            results.push(format!(
+                "node/{name} deleted{}",
+                if dry_run { " (dry run)" } else { "" }
+            ));
         }
         Ok(results)
     }

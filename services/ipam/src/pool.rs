@@ -109,7 +109,11 @@ pub struct PoolConfig {
 
 impl std::fmt::Display for PoolConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "cluster CIDR {} with /{} per node", self.cluster, self.node_mask)
+        write!(
+            f,
+            "cluster CIDR {} with /{} per node",
+            self.cluster, self.node_mask
+        )
     }
 }
 
@@ -125,7 +129,10 @@ pub fn parse_cidr(field: &str, value: &str) -> Result<Ipv4Net, IpamError> {
         .parse()
         .map_err(|_| invalid("not an IPv4 CIDR (a.b.c.d/n)"))?;
     if net.network() != net.addr() {
-        return Err(invalid(&format!("host bits set; did you mean {}?", net.trunc())));
+        return Err(invalid(&format!(
+            "host bits set; did you mean {}?",
+            net.trunc()
+        )));
     }
     Ok(net)
 }
@@ -251,15 +258,27 @@ mod tests {
     #[test]
     fn malformed_or_misaligned_cidrs_are_rejected_with_the_field_named() {
         let err = PoolConfig::new("10.200.0.0/33", 24).expect_err("bad");
-        assert!(err.to_string().starts_with("cluster-cidr: invalid CIDR `10.200.0.0/33`"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("cluster-cidr: invalid CIDR `10.200.0.0/33`"),
+            "{err}"
+        );
         let err = PoolConfig::new("10.200.0.1/16", 24).expect_err("host bits");
-        assert!(err.to_string().contains("host bits set; did you mean 10.200.0.0/16?"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("host bits set; did you mean 10.200.0.0/16?"),
+            "{err}"
+        );
         let err = PoolConfig::new("10.200.0.0/16", 8).expect_err("mask");
         assert!(err.to_string().starts_with("node-mask-size:"), "{err}");
         let err = pool()
             .check_node_cidr("spec.podCIDR", "10.9.0.0/24".parse().expect("cidr"))
             .expect_err("outside");
-        assert!(err.to_string().contains("must be a /24 inside 10.200.0.0/16"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("must be a /24 inside 10.200.0.0/16"),
+            "{err}"
+        );
     }
 
     #[test]

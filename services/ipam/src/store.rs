@@ -61,7 +61,8 @@ fn owner_key(node: &str, owner: &str) -> String {
 }
 
 fn decode<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, IpamError> {
-    serde_json::from_slice(value).map_err(|e| IpamError::Store(format!("corrupt value at `{key}`: {e}")))
+    serde_json::from_slice(value)
+        .map_err(|e| IpamError::Store(format!("corrupt value at `{key}`: {e}")))
 }
 
 impl From<StoreError> for IpamError {
@@ -141,7 +142,11 @@ impl IpamStore {
 
     /// Which node holds `cidr`, if any.
     pub async fn cidr_holder(&self, cidr: Ipv4Net) -> Result<Option<String>, IpamError> {
-        Ok(self.store.get_json::<String>(&cidr_key(cidr)).await?.map(|(n, _)| n))
+        Ok(self
+            .store
+            .get_json::<String>(&cidr_key(cidr))
+            .await?
+            .map(|(n, _)| n))
     }
 
     /// Registers `node` (idempotent): keeps its CIDR if it has one, else takes
@@ -153,7 +158,9 @@ impl IpamStore {
         requested: Option<Ipv4Net>,
     ) -> Result<NodeRecord, IpamError> {
         if node.is_empty() {
-            return Err(IpamError::Empty { field: "node".into() });
+            return Err(IpamError::Empty {
+                field: "node".into(),
+            });
         }
         if let Some(cidr) = requested {
             self.config.check_node_cidr("pod_cidr", cidr)?;
@@ -161,7 +168,9 @@ impl IpamStore {
         let mut client = self.store.client();
         for _ in 0..MAX_ATTEMPTS {
             let nkey = self.store.key(&node_key(node));
-            if let Some((existing, rev)) = self.store.get_json::<NodeRecord>(&node_key(node)).await? {
+            if let Some((existing, rev)) =
+                self.store.get_json::<NodeRecord>(&node_key(node)).await?
+            {
                 if let Some(req) = requested.filter(|r| *r != existing.pod_cidr) {
                     return Err(IpamError::CidrMismatch {
                         node: node.into(),
@@ -172,7 +181,10 @@ impl IpamStore {
                 if existing.underlay_ip == underlay_ip {
                     return Ok(existing);
                 }
-                let updated = NodeRecord { underlay_ip, ..existing };
+                let updated = NodeRecord {
+                    underlay_ip,
+                    ..existing
+                };
                 let txn = Txn::new()
                     .when([Compare::mod_revision(nkey.as_str(), CompareOp::Equal, rev)])
                     .and_then([TxnOp::put(nkey.as_str(), to_json(&updated), None)]);
@@ -184,7 +196,11 @@ impl IpamStore {
             let cidr = match requested {
                 Some(c) => {
                     if let Some(holder) = self.cidr_holder(c).await? {
-                        return Err(IpamError::CidrTaken { node: node.into(), cidr: c, holder });
+                        return Err(IpamError::CidrTaken {
+                            node: node.into(),
+                            cidr: c,
+                            holder,
+                        });
                     }
                     c
                 }
@@ -228,10 +244,16 @@ impl IpamStore {
         let rec = self.require_node(node).await?;
         let allocs = self.store.list_keys(&allocs_prefix(node)).await?;
         if !allocs.is_empty() && !force {
-            return Err(IpamError::NodeInUse { node: node.into(), count: allocs.len() });
+            return Err(IpamError::NodeInUse {
+                node: node.into(),
+                count: allocs.len(),
+            });
         }
         let del_prefix = |rel: String| {
-            TxnOp::delete(self.store.key(&rel), Some(etcd_client::DeleteOptions::new().with_prefix()))
+            TxnOp::delete(
+                self.store.key(&rel),
+                Some(etcd_client::DeleteOptions::new().with_prefix()),
+            )
         };
         let txn = Txn::new().and_then([
             TxnOp::delete(self.store.key(&node_key(node)), None),
@@ -247,9 +269,15 @@ impl IpamStore {
     /// Allocates an address on `node` for `owner`; the same owner gets the
     /// same address back. Two round trips when uncontended: one read
     /// transaction (owner, node, used addresses), one conditional write.
-    pub async fn allocate(&self, node: &str, owner: &str) -> Result<(AllocRecord, Ipv4Net), IpamError> {
+    pub async fn allocate(
+        &self,
+        node: &str,
+        owner: &str,
+    ) -> Result<(AllocRecord, Ipv4Net), IpamError> {
         if owner.is_empty() {
-            return Err(IpamError::Empty { field: "owner".into() });
+            return Err(IpamError::Empty {
+                field: "owner".into(),
+            });
         }
         let okey = self.store.key(&owner_key(node, owner));
         let nkey = self.store.key(&node_key(node));
@@ -259,7 +287,10 @@ impl IpamStore {
             let read = Txn::new().and_then([
                 TxnOp::get(okey.as_str(), None),
                 TxnOp::get(nkey.as_str(), None),
-                TxnOp::get(aprefix.as_str(), Some(GetOptions::new().with_prefix().with_keys_only())),
+                TxnOp::get(
+                    aprefix.as_str(),
+                    Some(GetOptions::new().with_prefix().with_keys_only()),
+                ),
             ]);
             let resp = client.txn(read).await?;
             let gets: Vec<GetResponse> = resp
@@ -271,7 +302,9 @@ impl IpamStore {
                 })
                 .collect();
             let [owner_get, node_get, allocs_get] = gets.as_slice() else {
-                return Err(IpamError::Store("read transaction returned an unexpected shape".into()));
+                return Err(IpamError::Store(
+                    "read transaction returned an unexpected shape".into(),
+                ));
             };
             let Some(node_kv) = node_get.kvs().first() else {
                 return Err(IpamError::UnknownNode(node.to_string()));
@@ -279,26 +312,49 @@ impl IpamStore {
             let rec: NodeRecord = decode(&nkey, node_kv.value())?;
             if let Some(kv) = owner_get.kvs().first() {
                 let ip: Ipv4Addr = decode(&okey, kv.value())?;
-                return Ok((AllocRecord { node: node.into(), ip, owner: owner.into() }, rec.pod_cidr));
+                return Ok((
+                    AllocRecord {
+                        node: node.into(),
+                        ip,
+                        owner: owner.into(),
+                    },
+                    rec.pod_cidr,
+                ));
             }
             let used: BTreeSet<Ipv4Addr> = allocs_get
                 .kvs()
                 .iter()
-                .filter_map(|kv| String::from_utf8_lossy(kv.key()).rsplit('/').next()?.parse().ok())
+                .filter_map(|kv| {
+                    String::from_utf8_lossy(kv.key())
+                        .rsplit('/')
+                        .next()?
+                        .parse()
+                        .ok()
+                })
                 .collect();
             let start = rand::random::<u32>();
-            let ip = pool::pick_free(rec.pod_cidr, &used, start).ok_or_else(|| IpamError::Exhausted {
-                node: node.into(),
-                cidr: rec.pod_cidr,
+            let ip = pool::pick_free(rec.pod_cidr, &used, start).ok_or_else(|| {
+                IpamError::Exhausted {
+                    node: node.into(),
+                    cidr: rec.pod_cidr,
+                }
             })?;
-            let alloc = AllocRecord { node: node.into(), ip, owner: owner.into() };
+            let alloc = AllocRecord {
+                node: node.into(),
+                ip,
+                owner: owner.into(),
+            };
             let akey = self.store.key(&alloc_key(node, ip));
             let txn = Txn::new()
                 .when([
                     Compare::create_revision(akey.as_str(), CompareOp::Equal, 0),
                     Compare::create_revision(okey.as_str(), CompareOp::Equal, 0),
                     // The node we read is still the node (not removed and re-added).
-                    Compare::create_revision(nkey.as_str(), CompareOp::Equal, node_kv.create_revision()),
+                    Compare::create_revision(
+                        nkey.as_str(),
+                        CompareOp::Equal,
+                        node_kv.create_revision(),
+                    ),
                 ])
                 .and_then([
                     TxnOp::put(akey.as_str(), to_json(&alloc), None),
@@ -316,17 +372,30 @@ impl IpamStore {
     /// Releases `ip` on `node`.
     pub async fn release(&self, node: &str, ip: Ipv4Addr) -> Result<(), IpamError> {
         self.require_node(node).await?;
-        let Some((alloc, rev)) = self.store.get_json::<AllocRecord>(&alloc_key(node, ip)).await? else {
-            return Err(IpamError::NotAllocated { node: node.into(), ip });
+        let Some((alloc, rev)) = self
+            .store
+            .get_json::<AllocRecord>(&alloc_key(node, ip))
+            .await?
+        else {
+            return Err(IpamError::NotAllocated {
+                node: node.into(),
+                ip,
+            });
         };
         let akey = self.store.key(&alloc_key(node, ip));
         let okey = self.store.key(&owner_key(node, &alloc.owner));
         let txn = Txn::new()
             .when([Compare::mod_revision(akey.as_str(), CompareOp::Equal, rev)])
-            .and_then([TxnOp::delete(akey.as_str(), None), TxnOp::delete(okey.as_str(), None)]);
+            .and_then([
+                TxnOp::delete(akey.as_str(), None),
+                TxnOp::delete(okey.as_str(), None),
+            ]);
         if !self.store.client().txn(txn).await?.succeeded() {
             // Someone else released (or re-allocated) it in between.
-            return Err(IpamError::NotAllocated { node: node.into(), ip });
+            return Err(IpamError::NotAllocated {
+                node: node.into(),
+                ip,
+            });
         }
         tracing::debug!(node = %node, ip = %ip, "address released");
         Ok(())

@@ -10,8 +10,12 @@ use membrane_proto::ipam::v1 as pb;
 use membrane_runtime::{flags::TelemetryFlags, grpc, telemetry};
 use membrane_test_support::{Etcd, free_port};
 use opentelemetry::trace::TraceContextExt as _;
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
-use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
@@ -37,11 +41,18 @@ impl TraceService for Receiver {
                 .unwrap_or_default();
             for ss in rs.scope_spans {
                 for span in ss.spans {
-                    self.0.lock().expect("lock").push((service.clone(), span.name, span.trace_id, span.parent_span_id));
+                    self.0.lock().expect("lock").push((
+                        service.clone(),
+                        span.name,
+                        span.trace_id,
+                        span.parent_span_id,
+                    ));
                 }
             }
         }
-        Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
     }
 }
 
@@ -49,7 +60,9 @@ impl TraceService for Receiver {
 async fn an_rpc_span_in_the_service_is_a_child_of_the_callers_span() {
     let etcd = Etcd::start().await.expect("etcd");
     let receiver = Receiver::default();
-    let otlp = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let otlp = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let otlp_url = format!("http://{}", otlp.local_addr().expect("addr"));
     let routes = tonic::service::Routes::new(TraceServiceServer::new(receiver.clone()));
     tokio::spawn(grpc::serve(otlp, routes, &[], None, std::future::pending()));
@@ -66,7 +79,10 @@ async fn an_rpc_span_in_the_service_is_a_child_of_the_callers_span() {
     let url = format!("http://127.0.0.1:{port}");
     let mut up = false;
     for _ in 0..100 {
-        if grpc::check_health(&url, "", None, Duration::from_millis(500)).await.is_ok() {
+        if grpc::check_health(&url, "", None, Duration::from_millis(500))
+            .await
+            .is_ok()
+        {
             up = true;
             break;
         }
@@ -76,16 +92,30 @@ async fn an_rpc_span_in_the_service_is_a_child_of_the_callers_span() {
 
     let _guard = telemetry::init(
         "ipam-telemetry-test",
-        &TelemetryFlags { log: "warn".into(), otlp_endpoint: Some(otlp_url.clone()) },
+        &TelemetryFlags {
+            log: "warn".into(),
+            otlp_endpoint: Some(otlp_url.clone()),
+        },
     )
     .expect("telemetry");
     let span = tracing::info_span!("caller");
-    let trace_id = span.context().span().span_context().trace_id().to_bytes().to_vec();
+    let trace_id = span
+        .context()
+        .span()
+        .span_context()
+        .trace_id()
+        .to_bytes()
+        .to_vec();
     async {
-        let mut c = pb::ipam_client::IpamClient::new(grpc::connect_lazy(&url, "", None).expect("channel"));
-        c.register_node(pb::RegisterNodeRequest { node: "node-1".into(), underlay_ip: "10.99.0.11".into(), pod_cidr: String::new() })
-            .await
-            .expect("register");
+        let mut c =
+            pb::ipam_client::IpamClient::new(grpc::connect_lazy(&url, "", None).expect("channel"));
+        c.register_node(pb::RegisterNodeRequest {
+            node: "node-1".into(),
+            underlay_ip: "10.99.0.11".into(),
+            pod_cidr: String::new(),
+        })
+        .await
+        .expect("register");
     }
     .instrument(span)
     .await;
@@ -98,7 +128,10 @@ async fn an_rpc_span_in_the_service_is_a_child_of_the_callers_span() {
             .expect("lock")
             .iter()
             .find(|(svc, name, tid, parent)| {
-                svc.contains("membrane-ipam") && name == "/membrane.ipam.v1.Ipam/RegisterNode" && *tid == trace_id && !parent.is_empty()
+                svc.contains("membrane-ipam")
+                    && name == "/membrane.ipam.v1.Ipam/RegisterNode"
+                    && *tid == trace_id
+                    && !parent.is_empty()
             })
             .cloned();
         if found.is_some() {
@@ -108,5 +141,8 @@ async fn an_rpc_span_in_the_service_is_a_child_of_the_callers_span() {
     }
     let _ = child.kill();
     let spans = receiver.0.lock().expect("lock").clone();
-    assert!(found.is_some(), "no server span in the caller's trace; received: {spans:?}");
+    assert!(
+        found.is_some(),
+        "no server span in the caller's trace; received: {spans:?}"
+    );
 }

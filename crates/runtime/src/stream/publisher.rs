@@ -140,10 +140,8 @@ impl Publisher {
     /// difference. Used after (re)listing the store.
     pub fn replace_all(&self, version: u64, resources: Vec<(String, Scope, Any)>) {
         let mut st = self.lock();
-        let mut wanted: BTreeMap<String, (Scope, Any)> = resources
-            .into_iter()
-            .map(|(k, s, v)| (k, (s, v)))
-            .collect();
+        let mut wanted: BTreeMap<String, (Scope, Any)> =
+            resources.into_iter().map(|(k, s, v)| (k, (s, v))).collect();
         let mut changes: Vec<Change> = st
             .resources
             .keys()
@@ -173,7 +171,9 @@ impl Publisher {
         for change in changes {
             match change {
                 Change::Upsert { key, scope, value } => {
-                    let old = st.resources.insert(key.clone(), (scope.clone(), value.clone()));
+                    let old = st
+                        .resources
+                        .insert(key.clone(), (scope.clone(), value.clone()));
                     if let Some((old_scope, _)) = old.filter(|(s, _)| *s != scope) {
                         delta.removals.push((key.clone(), old_scope));
                     }
@@ -198,7 +198,10 @@ impl Publisher {
 
     /// The resources `node` sees, with the version, and a receiver for what
     /// follows: taken under one lock so no change falls between them.
-    fn snapshot_for(&self, node: &str) -> (u64, Vec<pb::Resource>, broadcast::Receiver<Arc<Delta>>) {
+    fn snapshot_for(
+        &self,
+        node: &str,
+    ) -> (u64, Vec<pb::Resource>, broadcast::Receiver<Arc<Delta>>) {
         let st = self.lock();
         let resources = st
             .resources
@@ -276,7 +279,9 @@ impl DesiredState for PublisherService {
             }
         };
         if hello.node.is_empty() {
-            return Err(Status::invalid_argument("subscribe: hello.node: must not be empty"));
+            return Err(Status::invalid_argument(
+                "subscribe: hello.node: must not be empty",
+            ));
         }
         let node = hello.node;
         tracing::info!(node = %node, last_applied = hello.last_applied_version, "node subscribed");

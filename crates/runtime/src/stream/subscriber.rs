@@ -155,9 +155,12 @@ impl Subscriber {
                     return Err("update inside an unfinished snapshot".into());
                 }
                 if update.version <= *received {
-                    nack(&tx, update.version, format!(
-                        "version {} is not newer than {}", update.version, *received
-                    )).await?;
+                    nack(
+                        &tx,
+                        update.version,
+                        format!("version {} is not newer than {}", update.version, *received),
+                    )
+                    .await?;
                     continue;
                 }
                 let mut keys = Vec::new();
@@ -172,7 +175,12 @@ impl Subscriber {
                             keys.push(r.key);
                         }
                         None => {
-                            nack(&tx, update.version, format!("resource `{}` has no value", r.key)).await?;
+                            nack(
+                                &tx,
+                                update.version,
+                                format!("resource `{}` has no value", r.key),
+                            )
+                            .await?;
                         }
                     }
                 }
@@ -183,7 +191,9 @@ impl Subscriber {
                 s.connected = true;
                 s.received_version = update.version;
             });
-            pending_retry = !self.apply(sink, desired, update.version, &changed, applied, &tx).await?;
+            pending_retry = !self
+                .apply(sink, desired, update.version, &changed, applied, &tx)
+                .await?;
         }
     }
 
@@ -227,14 +237,22 @@ async fn nack(
     reason: String,
 ) -> Result<(), String> {
     let msg = pb::SubscribeRequest {
-        kind: Some(pb::subscribe_request::Kind::Nack(pb::Nack { version, reason })),
+        kind: Some(pb::subscribe_request::Kind::Nack(pb::Nack {
+            version,
+            reason,
+        })),
     };
-    tx.send(msg).await.map_err(|_| "request stream closed".to_string())
+    tx.send(msg)
+        .await
+        .map_err(|_| "request stream closed".to_string())
 }
 
 /// Keys that differ between two states.
 fn diff_keys(old: &BTreeMap<String, Any>, new: &BTreeMap<String, Any>) -> Vec<String> {
     let removed = old.keys().filter(|k| !new.contains_key(*k));
-    let changed = new.iter().filter(|(k, v)| old.get(*k) != Some(v)).map(|(k, _)| k);
+    let changed = new
+        .iter()
+        .filter(|(k, v)| old.get(*k) != Some(v))
+        .map(|(k, _)| k);
     removed.chain(changed).cloned().collect()
 }

@@ -1,0 +1,11 @@
+//! One module per group of subcommands.
+
+pub mod apply;
+pub mod get;
+pub mod ipam;
+pub mod status;
+
+/// Turns a gRPC status into an error that reads like the service's message.
+pub fn status_err(what: &str, s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{what}: {}", s.message())
+}
