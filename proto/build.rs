@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "membrane/objects/v1/objects.proto",
         "membrane/ipam/v1/ipam.proto",
         "membrane/node/v1/node.proto",
+        "membrane/identity/v1/identity.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");

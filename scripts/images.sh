@@ -83,7 +83,9 @@ done
 # --- 1. binaries --------------------------------------------------------------
 if [ "$SKIP_CARGO" = 0 ]; then
     log "cargo build --release (several minutes on 2 cores)"
-    (cd "$ROOT" && cargo build --release $(printf -- '-p %s ' "${PACKAGES[@]}"))
+    pkg_args=()
+    for pkg in "${PACKAGES[@]}"; do pkg_args+=(-p "$pkg"); done
+    (cd "$ROOT" && cargo build --release "${pkg_args[@]}")
 fi
 for bin in "${BINARIES[@]}"; do
     [ -x "$TARGET_DIR/release/$bin" ] || die "$TARGET_DIR/release/$bin missing (run without --skip-cargo)"

@@ -24,6 +24,9 @@ have_cmd iperf3 || need+=(iperf3)
 have_cmd ping || need+=(iputils-ping)
 have_cmd socat || need+=(socat)
 have_cmd curl || need+=(curl)
+have_cmd nft || need+=(nftables)
+have_cmd sockperf || need+=(sockperf)
+[ -x /usr/lib/cni/bridge ] || need+=(containernetworking-plugins)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup.sh: installing ${need[*]}"

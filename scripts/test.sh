@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export CARGO_TERM_COLOR=never
 cargo build --workspace --all-targets
+bash scripts/validate-manifests.sh
 cargo test --workspace --no-fail-fast 2>&1 | tee target/test.log
 # Summarise: cargo prints one "test result" line per test binary.
 awk '/^test result:/ { p += $4; f += $6; s += $8 } END { printf "\nsummary: %d passed, %d failed, %d skipped\n", p, f, s }' target/test.log

@@ -34,7 +34,7 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 struct OutputFlag {
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table)]
@@ -57,6 +57,11 @@ enum Command {
     Up(cluster::UpArgs),
     /// Stop the local cluster and remove everything it created.
     Down,
+    /// Restart one component of the local cluster (a service or a node's datapath).
+    Restart {
+        /// Component name: `ipam`, `node-1`, ...
+        component: String,
+    },
     /// Health of every service and node; exits non-zero when something is down.
     Status(OutputFlag),
     /// List resources.
@@ -68,6 +73,16 @@ enum Command {
     Apply(FileFlag),
     /// Delete the objects named in Kubernetes-style documents.
     Delete(FileFlag),
+    /// Pods: network namespaces attached through the CNI plugin.
+    Pod {
+        #[command(subcommand)]
+        what: PodCommand,
+    },
+    /// Run commands on the cluster's hosts (`external`, or a node).
+    Host {
+        #[command(subcommand)]
+        what: HostCommand,
+    },
     /// Manage pod addresses directly.
     Ipam {
         #[command(subcommand)]
@@ -81,6 +96,47 @@ enum GetCommand {
     Nodes(OutputFlag),
     /// The address pool and every allocation.
     Ipam(OutputFlag),
+    /// Endpoints as each node's datapath has programmed them.
+    Endpoints(OutputFlag),
+}
+
+#[derive(Debug, Subcommand)]
+enum PodCommand {
+    /// Create a pod on a node and print its address.
+    Run(commands::pod::RunArgs),
+    /// Run a command inside a pod's network namespace.
+    Exec {
+        /// Pod name.
+        name: String,
+        /// Pod namespace.
+        #[arg(long, short = 'n', default_value = "default")]
+        namespace: String,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// List pods.
+    List(OutputFlag),
+    /// Delete a pod and release everything it held.
+    Rm {
+        /// Pod name.
+        name: String,
+        /// Pod namespace.
+        #[arg(long, short = 'n', default_value = "default")]
+        namespace: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum HostCommand {
+    /// Run a command in a host's network namespace.
+    Exec {
+        /// `external` (the world) or a node name.
+        host: String,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -107,12 +163,32 @@ enum IpamCommand {
     },
 }
 
-async fn run(cli: Cli) -> anyhow::Result<bool> {
+/// What a command asks `main` to do when it returns.
+enum Exit {
+    Ok,
+    Failed,
+    Code(i32),
+}
+
+async fn run(cli: Cli) -> anyhow::Result<Exit> {
     let ctx = || client::Ctx::load(&cli.state_dir);
     match cli.command {
         Command::Up(args) => cluster::up_command(&cli.state_dir, args).await?,
         Command::Down => cluster::down(&cli.state_dir).await?,
-        Command::Status(o) => return commands::status::run(&ctx()?, o.output).await,
+        Command::Restart { component } => cluster::restart(&cli.state_dir, &component).await?,
+        Command::Status(o) => {
+            return Ok(if commands::status::run(&ctx()?, o.output).await? { Exit::Ok } else { Exit::Failed });
+        }
+        Command::Get { what: GetCommand::Endpoints(o) } => commands::pod::endpoints(&ctx()?, o.output).await?,
+        Command::Pod { what: PodCommand::Run(args) } => commands::pod::run(&ctx()?, args).await?,
+        Command::Pod { what: PodCommand::Exec { name, namespace, command } } => {
+            return Ok(Exit::Code(commands::pod::exec(&ctx()?, &namespace, &name, &command)?));
+        }
+        Command::Pod { what: PodCommand::List(o) } => commands::pod::list(&ctx()?, o.output)?,
+        Command::Pod { what: PodCommand::Rm { name, namespace } } => commands::pod::rm(&ctx()?, &namespace, &name).await?,
+        Command::Host { what: HostCommand::Exec { host, command } } => {
+            return Ok(Exit::Code(commands::pod::host_exec(&ctx()?, &host, &command)?));
+        }
         Command::Get {
             what: GetCommand::Nodes(o),
         } => commands::get::nodes(&ctx()?, o.output).await?,
@@ -133,15 +209,16 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             what: IpamCommand::Release { node, ip },
         } => commands::ipam::release(&ctx()?, &node, &ip).await?,
     }
-    Ok(true)
+    Ok(Exit::Ok)
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     membrane_runtime::tls::install_crypto_provider();
     match run(Cli::parse()).await {
-        Ok(true) => std::process::ExitCode::SUCCESS,
-        Ok(false) => std::process::ExitCode::FAILURE,
+        Ok(Exit::Ok) => std::process::ExitCode::SUCCESS,
+        Ok(Exit::Failed) => std::process::ExitCode::FAILURE,
+        Ok(Exit::Code(c)) => std::process::ExitCode::from(u8::try_from(c).unwrap_or(1)),
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE

@@ -3,8 +3,16 @@
 //! Module map:
 //! - `bpf`: loads the C programs, owns every map and link (the only module with raw aya calls).
 //! - [`routes`]: kernel routes to other nodes' pod CIDRs, from IPAM's stream.
-//! - [`agent`]: the daemon: registration, stream subscriptions, the node's gRPC API.
+//! - [`endpoints`]: attaching pods (veth, addresses, routes, eBPF) and detaching them.
+//! - [`netlink`]: iproute2 invocations, in the node's or a pod's namespace.
+//! - [`masquerade`]: nftables masquerading of traffic leaving the cluster.
+//! - [`api`]: the node's gRPC API (`membrane.node.v1.Node`).
+//! - [`agent`]: the daemon: registration, datapath, stream subscriptions, serving.
 
 pub mod agent;
+pub mod api;
 pub mod bpf;
+pub mod endpoints;
+pub mod masquerade;
+pub mod netlink;
 pub mod routes;

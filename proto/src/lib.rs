@@ -44,3 +44,10 @@ pub mod node {
         tonic::include_proto!("membrane.node.v1");
     }
 }
+
+/// `membrane.identity.v1`: security identities and the ipcache.
+pub mod identity {
+    pub mod v1 {
+        tonic::include_proto!("membrane.identity.v1");
+    }
+}

@@ -19,13 +19,16 @@
 //! State directory layout: `tls/` (kept by `down`), `logs/` (kept),
 //! `pids/`, `etcd/`, `nodes/NODE/`, `created.json`, `cluster.json`.
 
-mod components;
+pub(crate) mod components;
 mod etcd;
 mod info;
-mod net;
+pub(crate) mod net;
 mod plan;
 mod process;
-mod record;
+pub(crate) mod record;
+mod restart;
+
+pub use restart::restart;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -38,8 +38,9 @@ pub struct Spawned {
     pub log: PathBuf,
 }
 
-/// What to run.
-#[derive(Debug, Clone)]
+/// What to run. Saved as `DIR/launch/NAME.json` so `membrane restart` can
+/// start the component again exactly as `up` did.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Launch {
     /// Component name.
     pub name: String,
@@ -58,6 +59,11 @@ pub struct Launch {
 /// The pid file of component `name`.
 pub fn pid_file(state_dir: &Path, name: &str) -> PathBuf {
     state_dir.join("pids").join(format!("{name}.pid"))
+}
+
+/// How component `name` was started.
+pub fn launch_file(state_dir: &Path, name: &str) -> PathBuf {
+    state_dir.join("launch").join(format!("{name}.json"))
 }
 
 /// The log file of component `name`.
@@ -107,6 +113,13 @@ pub fn spawn(state_dir: &Path, launch: &Launch) -> anyhow::Result<Spawned> {
         cmd
     )
     .with_context(|| format!("write {}", log.display()))?;
+
+    let saved = launch_file(state_dir, &launch.name);
+    if let Some(dir) = saved.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    std::fs::write(&saved, serde_json::to_vec_pretty(launch).context("serialize launch")?)
+        .with_context(|| format!("write {}", saved.display()))?;
 
     let child = cmd
         .spawn()

@@ -3,6 +3,7 @@
 pub mod apply;
 pub mod get;
 pub mod ipam;
+pub mod pod;
 pub mod status;
 
 /// Turns a gRPC status into an error that reads like the service's message.

@@ -73,6 +73,49 @@ where
 /// How long in-flight calls may run after the shutdown signal.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
+/// Serves `routes` (plus health) on a unix socket at `path`, without TLS:
+/// for local clients such as the CNI plugin, guarded by file permissions
+/// (the socket is made accessible to its owner only).
+pub async fn serve_unix<F>(path: &std::path::Path, routes: Routes, shutdown: F) -> anyhow::Result<()>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    use std::os::unix::fs::PermissionsExt as _;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    // A socket left by a previous process would make bind fail.
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path).with_context(|| format!("bind {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod {}", path.display()))?;
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    Server::builder()
+        .trace_fn(rpc_span)
+        .add_routes(routes.add_service(health))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(listener), shutdown)
+        .await
+        .context("grpc server on unix socket")?;
+    Ok(())
+}
+
+/// Connects to a gRPC server on the unix socket at `path`.
+pub async fn connect_unix(path: &std::path::Path) -> anyhow::Result<GrpcChannel> {
+    let path = path.to_path_buf();
+    let shown = path.display().to_string();
+    let channel = Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await
+        .with_context(|| format!("connect to {shown}"))?;
+    Ok(InterceptedService::new(channel, TracePropagation))
+}
+
 /// A span per RPC, child of the caller's span when it sent `traceparent`.
 fn rpc_span(req: &http::Request<()>) -> tracing::Span {
     let parent = opentelemetry::global::get_text_map_propagator(|p| {

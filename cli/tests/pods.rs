@@ -1,0 +1,282 @@
+//! End-to-end tests of pods on a local cluster: real namespaces attached by
+//! the real CNI plugin through the real node agent, traffic carried by the
+//! eBPF datapath. They need root (see `support::has_root`).
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use support::*;
+
+const TCP_PORT: u16 = 8080;
+const UDP_PORT: u16 = 8081;
+
+/// TCP and UDP echo servers bound inside `netns` for the rest of the test.
+fn echo_servers(netns: &str) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    spawn_in_netns(netns, move || {
+        let tcp = TcpListener::bind(("0.0.0.0", TCP_PORT)).expect("bind tcp");
+        let udp = UdpSocket::bind(("0.0.0.0", UDP_PORT)).expect("bind udp");
+        tx.send(()).expect("ready");
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while let Ok((n, peer)) = udp.recv_from(&mut buf) {
+                let _ = udp.send_to(&buf[..n], peer);
+            }
+        });
+        for conn in tcp.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut conn = conn;
+                let mut buf = [0u8; 512];
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(5)).expect("servers up");
+}
+
+/// From inside `netns`: a TCP and a UDP round trip to `ip`.
+fn round_trips(netns: &str, ip: &str) -> Result<(), String> {
+    let ip: std::net::IpAddr = ip.parse().map_err(|e| format!("{e}"))?;
+    in_netns(Some(netns), move || {
+        let msg = b"membrane";
+        let mut tcp = TcpStream::connect_timeout(&SocketAddr::new(ip, TCP_PORT), Duration::from_secs(3))
+            .map_err(|e| format!("tcp connect {ip}: {e}"))?;
+        tcp.set_read_timeout(Some(Duration::from_secs(3))).map_err(|e| e.to_string())?;
+        tcp.write_all(msg).map_err(|e| format!("tcp write: {e}"))?;
+        let mut buf = [0u8; 8];
+        tcp.read_exact(&mut buf).map_err(|e| format!("tcp read from {ip}: {e}"))?;
+        if &buf != msg {
+            return Err(format!("tcp echo from {ip} differs"));
+        }
+        let udp = UdpSocket::bind(("0.0.0.0", 0)).map_err(|e| e.to_string())?;
+        udp.set_read_timeout(Some(Duration::from_millis(700))).map_err(|e| e.to_string())?;
+        // UDP may lose a datagram while neighbours resolve: a few tries.
+        for _ in 0..4 {
+            udp.send_to(msg, SocketAddr::new(ip, UDP_PORT)).map_err(|e| format!("udp send: {e}"))?;
+            if let Ok((n, _)) = udp.recv_from(&mut buf) {
+                if &buf[..n] == msg {
+                    return Ok(());
+                }
+            }
+        }
+        Err(format!("no udp echo from {ip}"))
+    })
+}
+
+fn pod_ip(cluster: &Cluster, name: &str) -> String {
+    let pods: Value = serde_json::from_str(&cluster.ok(&["pod", "list", "-o", "json"])).expect("json");
+    pods["items"]
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["name"] == name))
+        .and_then(|p| p["ip"].as_str())
+        .expect("pod ip")
+        .to_string()
+}
+
+fn endpoints(cluster: &Cluster) -> Vec<Value> {
+    let v: Value = serde_json::from_str(&cluster.ok(&["get", "endpoints", "-o", "json"])).expect("json");
+    v["items"].as_array().cloned().unwrap_or_default()
+}
+
+fn lxc_devices(node: &str) -> BTreeSet<String> {
+    let out = Command::new("nsenter")
+        .args([&format!("--net=/run/netns/{node}"), "ip", "-o", "link", "show"])
+        .output()
+        .expect("ip link");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split(':').nth(1).map(|n| n.trim().split('@').next().unwrap_or("").to_string()))
+        .filter(|n| n.starts_with("lxc"))
+        .collect()
+}
+
+fn allocations(cluster: &Cluster) -> usize {
+    let v: Value = serde_json::from_str(&cluster.ok(&["get", "ipam", "-o", "json"])).expect("json");
+    v["allocations"].as_array().map(Vec::len).unwrap_or(0)
+}
+
+#[test]
+fn six_pods_on_two_nodes_reach_each_other_and_the_world_over_tcp_and_udp() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !has_root() {
+        return;
+    }
+    let cluster = Cluster::new();
+    cluster.ok(&["up", "--nodes", "2", "--detach"]);
+    let pods = ["a1", "a2", "a3", "b1", "b2", "b3"];
+    for p in pods {
+        let node = if p.starts_with('a') { "node-1" } else { "node-2" };
+        cluster.ok(&["pod", "run", p, "--node", node, "--labels", &format!("app={p}")]);
+    }
+    let mut targets: Vec<(String, String)> = pods.iter().map(|p| (p.to_string(), pod_ip(&cluster, p))).collect();
+    for p in pods {
+        echo_servers(&format!("pod-default-{p}"));
+    }
+    echo_servers("external");
+    targets.push(("external".into(), "10.99.0.200".into()));
+
+    let mut failures = Vec::new();
+    for src in pods {
+        for (dst, ip) in &targets {
+            if dst == src {
+                continue;
+            }
+            if let Err(e) = round_trips(&format!("pod-default-{src}"), ip) {
+                failures.push(format!("{src} -> {dst} ({ip}): {e}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "connectivity failures:\n{}", failures.join("\n"));
+
+    // Our programs are attached to every pod veth and both underlay devices,
+    // as bpftool sees the pinned tcx links.
+    let eps = endpoints(&cluster);
+    assert_eq!(eps.len(), 6);
+    assert!(eps.iter().all(|e| e["programmed"] == true), "{eps:?}");
+    for e in &eps {
+        let pin = format!("/sys/fs/bpf/membrane/{}/links/lxc_ingress_{}", e["node"].as_str().expect("node"), e["hostIfindex"]);
+        let out = Command::new("bpftool").args(["link", "show", "pinned", &pin]).output().expect("bpftool");
+        assert!(out.status.success(), "bpftool link show pinned {pin}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("prog"), "{}", String::from_utf8_lossy(&out.stdout));
+    }
+    for node in ["node-1", "node-2"] {
+        let pins: Vec<_> = std::fs::read_dir(format!("/sys/fs/bpf/membrane/{node}/links"))
+            .expect("links dir")
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("host_ingress_"))
+            .collect();
+        assert_eq!(pins.len(), 1, "{node}: {pins:?}");
+    }
+
+    // `pod rm` releases the address and removes the device, the map entry and the namespace.
+    let a3_ip = pod_ip(&cluster, "a3");
+    let before_devices = lxc_devices("node-1");
+    cluster.ok(&["pod", "rm", "a3"]);
+    assert!(!netns_exists("pod-default-a3"));
+    assert_eq!(lxc_devices("node-1").len(), before_devices.len() - 1);
+    assert!(!endpoints(&cluster).iter().any(|e| e["address"] == format!("{a3_ip}/32")));
+    let ipam = cluster.ok(&["get", "ipam"]);
+    assert!(!ipam.contains(&a3_ip), "{ipam}");
+    assert_eq!(allocations(&cluster), 5);
+    cluster.ok(&["down"]);
+    assert!(!netns_exists("pod-default-a1"), "down removes pods too");
+}
+
+#[test]
+fn restarting_a_node_datapath_does_not_break_a_running_tcp_stream() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !has_root() {
+        return;
+    }
+    let cluster = Cluster::new();
+    cluster.ok(&["up", "--nodes", "2", "--detach"]);
+    cluster.ok(&["pod", "run", "client", "--node", "node-1"]);
+    cluster.ok(&["pod", "run", "server", "--node", "node-2"]);
+    let server_ip = pod_ip(&cluster, "server");
+    let mut server = cluster
+        .command(&["pod", "exec", "server", "--", "iperf3", "-s", "-1", "-p", "5201"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("iperf3 server");
+    std::thread::sleep(Duration::from_millis(500));
+    let client = cluster
+        .command(&["pod", "exec", "client", "--", "iperf3", "-c", &server_ip, "-p", "5201", "-t", "6", "-J"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("iperf3 client");
+    std::thread::sleep(Duration::from_secs(2));
+    cluster.ok(&["restart", "node-1"]);
+    cluster.ok(&["restart", "node-2"]);
+    let out = client.wait_with_output().expect("iperf3 client");
+    let _ = server.wait();
+    let report: Value = serde_json::from_slice(&out.stdout).expect("iperf3 json");
+    assert!(out.status.success() && report.get("error").is_none(), "iperf3: {report}");
+    let sent = report["end"]["sum_sent"]["bytes"].as_u64().unwrap_or(0);
+    let received = report["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
+    assert!(received > 0 && received + 64 * 1024 * 1024 >= sent, "sent {sent}, received {received}");
+    eprintln!("iperf3 across two datapath restarts: {:.2} Gbit/s", report["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9);
+}
+
+#[test]
+fn fifty_pods_started_and_removed_in_parallel_get_distinct_addresses_and_leak_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !has_root() {
+        return;
+    }
+    let cluster = Cluster::new();
+    cluster.ok(&["up", "--nodes", "2", "--detach"]);
+    cluster.ok(&["pod", "run", "prober", "--node", "node-1"]);
+    let names: Vec<String> = (0..50).map(|i| format!("p{i}")).collect();
+    let started = Instant::now();
+    let children: Vec<_> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let node = if i % 2 == 0 { "node-1" } else { "node-2" };
+            cluster
+                .command(&["pod", "run", n, "--node", node])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn pod run")
+        })
+        .collect();
+    let mut ips = BTreeSet::new();
+    for (child, name) in children.into_iter().zip(&names) {
+        let out = child.wait_with_output().expect("pod run");
+        assert!(out.status.success(), "pod run {name}: {}", String::from_utf8_lossy(&out.stderr));
+        ips.insert(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    }
+    eprintln!("50 parallel pod runs took {:?}", started.elapsed());
+    assert_eq!(ips.len(), 50, "addresses must be distinct: {ips:?}");
+
+    // Every one answers a ping from a pod on node-1 (half of them across nodes).
+    let pings: Vec<_> = ips
+        .iter()
+        .map(|ip| {
+            cluster
+                .command(&["pod", "exec", "prober", "--", "ping", "-c", "1", "-W", "3", ip])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("ping")
+        })
+        .collect();
+    let unreachable: Vec<_> = pings
+        .into_iter()
+        .zip(&ips)
+        .filter_map(|(mut c, ip)| (!c.wait().expect("ping").success()).then_some(ip.clone()))
+        .collect();
+    assert!(unreachable.is_empty(), "unreachable: {unreachable:?}");
+
+    let children: Vec<_> = names
+        .iter()
+        .map(|n| cluster.command(&["pod", "rm", n]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().expect("rm"))
+        .collect();
+    for (child, name) in children.into_iter().zip(&names) {
+        let out = child.wait_with_output().expect("pod rm");
+        assert!(out.status.success(), "pod rm {name}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // Only the prober is left: one address, one device, one map entry, one pod namespace.
+    assert_eq!(allocations(&cluster), 1);
+    assert_eq!(lxc_devices("node-1").len(), 1);
+    assert_eq!(lxc_devices("node-2").len(), 0);
+    assert_eq!(endpoints(&cluster).len(), 1);
+    let pod_netns = std::fs::read_dir("/run/netns")
+        .expect("netns dir")
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("pod-"))
+        .count();
+    assert_eq!(pod_netns, 1);
+}
