@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "membrane/ipam/v1/ipam.proto",
         "membrane/node/v1/node.proto",
         "membrane/identity/v1/identity.proto",
+        "membrane/policy/v1/policy.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");

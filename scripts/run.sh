@@ -11,6 +11,8 @@ bash scripts/setup.sh
 cargo build --workspace --bins
 M=target/debug/membrane
 
+# A fresh demo every time: remove a cluster left by an earlier run.
+$M down >/dev/null 2>&1 || true
 $M up --nodes "$NODES" --detach
 echo
 echo "== membrane status"
@@ -19,10 +21,22 @@ echo
 echo "== membrane get nodes"
 $M get nodes
 echo
-echo "== an address for a demo pod on node-1"
-$M ipam allocate --node node-1 --owner demo/pod-a
+echo "== two pods on node-1, one on node-2 (network namespaces attached by the CNI plugin)"
+$M pod run web --node node-1 --labels app=web
+$M pod run db --node node-1 --labels app=db
+$M pod run client --node node-2 --labels app=client
+$M pod list
+WEB=$($M pod list -o json | python3 -c "import json,sys; print(next(p['ip'] for p in json.load(sys.stdin)['items'] if p['name']=='web'))")
 echo
-echo "== membrane get ipam"
+echo "== client (node-2) -> web (node-1), across nodes; db -> web on the same node (eBPF redirect)"
+$M pod exec client -- ping -c 2 -W 2 "$WEB"
+$M pod exec db -- ping -c 2 -W 2 "$WEB"
+echo
+echo "== client -> the world (masqueraded to node-2's address)"
+$M pod exec client -- ping -c 1 -W 2 10.99.0.200
+echo
+echo "== what the datapath has programmed"
+$M get endpoints
 $M get ipam
 echo
-echo "Cluster is running. Try: $M status | $M get nodes -o yaml | $M down"
+echo "Cluster is running. Try: $M status | $M get nodes -o yaml | $M pod exec web -- ip addr | $M down"

@@ -98,6 +98,16 @@ enum GetCommand {
     Ipam(OutputFlag),
     /// Endpoints as each node's datapath has programmed them.
     Endpoints(OutputFlag),
+    /// Security identities: labels and references.
+    Identities(OutputFlag),
+    /// The ipcache (address → identity) as each node's eBPF map holds it.
+    Ipcache {
+        /// Only this node.
+        #[arg(long)]
+        node: Option<String>,
+        #[command(flatten)]
+        output: OutputFlag,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -117,6 +127,17 @@ enum PodCommand {
     },
     /// List pods.
     List(OutputFlag),
+    /// Set (`k=v`) or remove (`k-`) pod labels; the pod moves to the new label set's identity.
+    Label {
+        /// Pod name.
+        name: String,
+        /// Label changes.
+        #[arg(required = true)]
+        changes: Vec<String>,
+        /// Pod namespace.
+        #[arg(long, short = 'n', default_value = "default")]
+        namespace: String,
+    },
     /// Delete a pod and release everything it held.
     Rm {
         /// Pod name.
@@ -185,6 +206,13 @@ async fn run(cli: Cli) -> anyhow::Result<Exit> {
             return Ok(Exit::Code(commands::pod::exec(&ctx()?, &namespace, &name, &command)?));
         }
         Command::Pod { what: PodCommand::List(o) } => commands::pod::list(&ctx()?, o.output)?,
+        Command::Pod { what: PodCommand::Label { name, changes, namespace } } => {
+            commands::pod::label(&ctx()?, &namespace, &name, &changes).await?
+        }
+        Command::Get { what: GetCommand::Identities(o) } => commands::identities::identities(&ctx()?, o.output).await?,
+        Command::Get { what: GetCommand::Ipcache { node, output } } => {
+            commands::pod::ipcache(&ctx()?, node.as_deref(), output.output).await?
+        }
         Command::Pod { what: PodCommand::Rm { name, namespace } } => commands::pod::rm(&ctx()?, &namespace, &name).await?,
         Command::Host { what: HostCommand::Exec { host, command } } => {
             return Ok(Exit::Code(commands::pod::host_exec(&ctx()?, &host, &command)?));

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: (Apache-2.0 OR GPL-2.0-only)
 /*
  * bpf_host: tc ingress on the node's underlay device. Packets from other
- * nodes addressed to a pod on this node are delivered straight to the pod;
+ * nodes addressed to a pod on this node pass the pod's ingress policy
+ * (source identity from the ipcache) and are delivered straight to the pod;
  * everything else (node traffic, ARP, anything unparsable) goes to the stack,
  * which owns the underlay and validates what it receives.
  */
@@ -12,6 +13,7 @@
 #include "lib/common.h"
 #include "lib/config.h"
 #include "lib/endpoints.h"
+#include "lib/ingress.h"
 #include "lib/ipv4.h"
 #include "lib/metrics.h"
 #include "lib/redirect.h"
@@ -21,6 +23,7 @@ SEC("classifier")
 int from_netdev(struct __sk_buff *ctx)
 {
 	struct pkt4 p = {};
+	int ret;
 
 	metric_inc(METRIC_HOST_RX, ctx->len);
 
@@ -32,6 +35,13 @@ int from_netdev(struct __sk_buff *ctx)
 
 	if (!ep)
 		return pass_to_stack(ctx);
+	/* No helper to deliver with: the stack delivers, and to_container judges it there. */
+	if (!feature_enabled(FEATURE_REDIRECT_PEER) && !feature_enabled(FEATURE_REDIRECT_NEIGH))
+		return pass_to_stack(ctx);
+	/* From the underlay the source is never a local pod: its identity is the ipcache's. */
+	ret = ingress_admit(ctx, &p, ep, NULL, OBS_HOST);
+	if (ret)
+		return ret;
 	return redirect_to_endpoint(ctx, ep, &p, OBS_HOST,
 				    FEATURE_REDIRECT_PEER | FEATURE_REDIRECT_NEIGH);
 }

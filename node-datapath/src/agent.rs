@@ -12,7 +12,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use membrane_proto::ipam::v1 as ipam;
 use membrane_runtime::grpc::{self as rpc, GrpcChannel};
-use membrane_runtime::stream::Subscriber;
+use membrane_runtime::stream::{StateSink, Subscriber};
 use membrane_runtime::{flags, telemetry};
 
 use ipnet::Ipv4Net;
@@ -21,6 +21,7 @@ use tokio::sync::watch;
 use crate::api::{NodeApi, NodeFacts};
 use crate::bpf;
 use crate::endpoints::{EndpointManager, NodeNet};
+use crate::identity::{IdentityClient, IpcacheMap, IpcacheSink};
 use crate::masquerade;
 use crate::routes::{IpRouteTable, RouteSink};
 
@@ -58,6 +59,12 @@ pub struct Args {
         default_value = "ipam.membrane.local"
     )]
     pub ipam_server_name: String,
+    /// Identity service URL; without it pods get identity 0 and no ipcache is programmed.
+    #[arg(long, env = "MEMBRANE_IDENTITY_ENDPOINT")]
+    pub identity_endpoint: Option<String>,
+    /// Name the identity service's certificate carries.
+    #[arg(long, env = "MEMBRANE_IDENTITY_SERVER_NAME", default_value = "identity.membrane.local")]
+    pub identity_server_name: String,
     /// bpffs directory for this node's pins.
     #[arg(
         long,
@@ -128,31 +135,39 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
     masquerade::install(pod_cidr, cluster_cidr, &args.underlay_dev).context("install masquerading (nftables)")?;
 
     let net = NodeNet { pod_cidr, gateway: Ipv4Addr::from(u32::from(pod_cidr.network()) + 1) };
+    let identity = match &args.identity_endpoint {
+        Some(url) => {
+            let channel = rpc::connect_lazy(url, &args.identity_server_name, tls.as_ref())?;
+            Some((IdentityClient::new(args.node_name.clone(), channel.clone()), channel))
+        }
+        None => {
+            tracing::warn!("no identity service configured: pods get identity 0 and the ipcache stays empty");
+            None
+        }
+    };
     let endpoints = Arc::new(EndpointManager::new(
         args.node_name.clone(),
         net,
         args.state_dir.join("endpoints"),
         datapath.clone(),
         ipam::ipam_client::IpamClient::new(ipam_channel.clone()),
+        identity.as_ref().map(|(c, _)| c.clone()),
     )?);
     let adopted = endpoints.restore().await?;
     tracing::info!(adopted, "endpoints restored");
 
     // Desired state from the services.
     let (applied_tx, applied_rx) = watch::channel(BTreeMap::new());
-    let subscriber = Subscriber::new(args.node_name.clone(), "ipam", ipam_channel);
-    let mut ipam_state = subscriber.state();
-    let applied = applied_tx.clone();
-    tokio::spawn(async move {
-        while ipam_state.changed().await.is_ok() {
-            let v = ipam_state.borrow().applied_version;
-            applied.send_modify(|m| {
-                m.insert("ipam".into(), v);
-            });
-        }
-    });
+    let mut tasks = Vec::new();
     let routes = RouteSink::new(args.node_name.clone(), IpRouteTable { dev: args.underlay_dev.clone() });
-    let stream_task = tokio::spawn(subscriber.run(routes, std::future::pending()));
+    tasks.push(subscribe(&args.node_name, "ipam", ipam_channel, routes, &applied_tx));
+    if let Some((client, channel)) = identity {
+        // Pods cannot get identities before the node holds a lease.
+        first_lease(&client).await?;
+        let sink = IpcacheSink::new(args.node_name.clone(), DatapathIpcache(datapath.clone()));
+        tasks.push(subscribe(&args.node_name, "identity", channel, sink, &applied_tx));
+        tasks.push(tokio::spawn(keep_lease(client, args.underlay_ip, endpoints.clone())));
+    }
 
     let facts = NodeFacts {
         underlay_ip: args.underlay_ip.to_string(),
@@ -164,7 +179,7 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
             .collect(),
         delivery: delivery.into(),
     };
-    let api = NodeApi::new(endpoints, facts, applied_rx);
+    let api = NodeApi::new(endpoints, datapath, facts, applied_rx);
     let socket = args.state_dir.join("agent.sock");
     let local = tokio::spawn({
         let routes = tonic::service::Routes::new(api.clone());
@@ -181,10 +196,95 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
         rpc::shutdown_signal(),
     )
     .await;
-    stream_task.abort();
+    for t in tasks {
+        t.abort();
+    }
     local.abort();
     // Programs, maps and links stay pinned: traffic keeps flowing until the next agent adopts them.
     served
+}
+
+/// Runs a subscriber for `service` with `sink`, publishing its applied
+/// version into `applied` (reported by the node's Status).
+fn subscribe<S: StateSink>(
+    node: &str,
+    service: &'static str,
+    channel: GrpcChannel,
+    sink: S,
+    applied: &watch::Sender<BTreeMap<String, u64>>,
+) -> tokio::task::JoinHandle<()> {
+    let subscriber = Subscriber::new(node.to_string(), service, channel);
+    let mut state = subscriber.state();
+    let applied = applied.clone();
+    tokio::spawn(async move {
+        while state.changed().await.is_ok() {
+            let v = state.borrow().applied_version;
+            applied.send_modify(|m| {
+                m.insert(service.to_string(), v);
+            });
+        }
+    });
+    tokio::spawn(subscriber.run(sink, std::future::pending()))
+}
+
+/// How often the node renews its identity lease (well within its TTL).
+const HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// Keeps the node's identity lease alive; whenever the lease is new (first
+/// start, or the old one expired while the service or etcd was away),
+/// records the node's address and every local endpoint again.
+async fn keep_lease(client: IdentityClient, underlay_ip: Ipv4Addr, endpoints: Arc<EndpointManager>) {
+    let mut recorded = false;
+    loop {
+        match client.heartbeat().await {
+            Ok(new_lease) => {
+                if new_lease || !recorded {
+                    let node_ip = client.register_node_ip(underlay_ip).await.map_err(|s| s.message().to_string());
+                    let eps = endpoints.rerecord().await.map_err(|e| e.to_string());
+                    recorded = node_ip.is_ok() && eps.is_ok();
+                    if let Err(e) = node_ip.and(eps) {
+                        tracing::warn!(error = %e, "could not record the node with the identity service; retrying");
+                    }
+                }
+            }
+            Err(s) => tracing::warn!(error = %s.message(), "identity heartbeat failed"),
+        }
+        tokio::time::sleep(if recorded { HEARTBEAT } else { Duration::from_millis(500) }).await;
+    }
+}
+
+/// Takes the node's first identity lease, retrying while the identity
+/// service is unreachable.
+async fn first_lease(client: &IdentityClient) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match client.heartbeat().await {
+            Ok(_) => return Ok(()),
+            Err(s) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!(error = %s.message(), "identity service not reachable yet");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(s) => anyhow::bail!("identity lease: {}", s.message()),
+        }
+    }
+}
+
+/// The datapath's ipcache map, for [`IpcacheSink`].
+struct DatapathIpcache(Arc<Mutex<bpf::Datapath>>);
+
+impl IpcacheMap for DatapathIpcache {
+    fn entries(&mut self) -> Result<BTreeMap<Ipv4Net, u32>, String> {
+        let dp = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(dp.ipcache().map_err(|e| format!("{e:#}"))?.into_iter().collect())
+    }
+    fn upsert(&mut self, prefix: Ipv4Net, identity: u32) -> Result<(), String> {
+        let mut dp = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        dp.upsert_ipcache(prefix, identity).map_err(|e| format!("{e:#}"))
+    }
+    fn remove(&mut self, prefix: Ipv4Net) -> Result<(), String> {
+        let mut dp = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        dp.remove_ipcache(prefix).map(drop).map_err(|e| format!("{e:#}"))
+    }
 }
 
 fn datapath_options(delivery: Delivery, f: &bpf::Features) -> anyhow::Result<bpf::DatapathOptions> {

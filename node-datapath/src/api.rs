@@ -9,7 +9,14 @@ use membrane_proto::node::v1 as pb;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
+use crate::bpf::Datapath;
 use crate::endpoints::{AddRequest, EndpointError, EndpointManager, EndpointRecord};
+
+impl std::fmt::Debug for NodeApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeApi").field("endpoints", &self.endpoints).finish()
+    }
+}
 
 impl From<EndpointError> for Status {
     fn from(e: EndpointError) -> Self {
@@ -20,6 +27,7 @@ impl From<EndpointError> for Status {
             EndpointError::NotFound { .. } => Status::not_found(msg),
             EndpointError::Drifted { .. } => Status::failed_precondition(msg),
             EndpointError::Ipam(s) => Status::new(s.code(), format!("ipam: {}", s.message())),
+            EndpointError::Identity(s) => Status::new(s.code(), format!("identity: {}", s.message())),
             EndpointError::Netlink(_) | EndpointError::Datapath(_) | EndpointError::State { .. } => Status::internal(msg),
         }
     }
@@ -39,9 +47,10 @@ pub struct NodeFacts {
 }
 
 /// The `Node` service.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct NodeApi {
     endpoints: Arc<EndpointManager>,
+    datapath: Arc<std::sync::Mutex<Datapath>>,
     facts: NodeFacts,
     applied: watch::Receiver<BTreeMap<String, u64>>,
 }
@@ -50,10 +59,11 @@ impl NodeApi {
     /// Serves `endpoints`; `applied` tracks the streams' applied versions.
     pub fn new(
         endpoints: Arc<EndpointManager>,
+        datapath: Arc<std::sync::Mutex<Datapath>>,
         facts: NodeFacts,
         applied: watch::Receiver<BTreeMap<String, u64>>,
     ) -> pb::node_server::NodeServer<Self> {
-        pb::node_server::NodeServer::new(Self { endpoints, facts, applied })
+        pb::node_server::NodeServer::new(Self { endpoints, datapath, facts, applied })
     }
 
     fn to_pb(&self, r: EndpointRecord, programmed: bool) -> pb::Endpoint {
@@ -124,6 +134,25 @@ impl pb::node_server::Node for NodeApi {
             })
             .collect();
         Ok(Response::new(pb::ListEndpointsResponse { endpoints }))
+    }
+
+    async fn set_endpoint_labels(&self, req: Request<pb::SetEndpointLabelsRequest>) -> Result<Response<pb::Endpoint>, Status> {
+        let pb::SetEndpointLabelsRequest { container_id, ifname, labels } = req.into_inner();
+        let record = self.endpoints.set_labels(&container_id, &ifname, labels.into_iter().collect()).await?;
+        Ok(Response::new(self.to_pb(record, true)))
+    }
+
+    async fn ipcache(&self, _req: Request<pb::IpcacheRequest>) -> Result<Response<pb::IpcacheResponse>, Status> {
+        let entries = self
+            .datapath
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .ipcache()
+            .map_err(|e| Status::internal(format!("read ipcache map: {e:#}")))?
+            .into_iter()
+            .map(|(prefix, identity)| pb::IpcacheMapEntry { prefix: prefix.to_string(), identity })
+            .collect();
+        Ok(Response::new(pb::IpcacheResponse { entries }))
     }
 
     async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::NodeStatus>, Status> {

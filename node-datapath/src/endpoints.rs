@@ -20,6 +20,7 @@ use membrane_runtime::grpc::GrpcChannel;
 use serde::{Deserialize, Serialize};
 
 use crate::bpf::{Datapath, EndpointInfo, Hook, MacAddr};
+use crate::identity::IdentityClient;
 use crate::netlink::{self, CommandError};
 
 /// Route protocol number marking the per-pod /32 routes on the node.
@@ -67,6 +68,9 @@ pub enum EndpointError {
     /// IPAM refused or was unreachable.
     #[error("ipam: {0}")]
     Ipam(tonic::Status),
+    /// The identity service refused or was unreachable.
+    #[error("identity: {}", .0.message())]
+    Identity(tonic::Status),
     /// A netlink step failed.
     #[error(transparent)]
     Netlink(#[from] CommandError),
@@ -157,6 +161,7 @@ pub struct EndpointManager {
     dir: PathBuf,
     datapath: Arc<Mutex<Datapath>>,
     ipam: ipam::ipam_client::IpamClient<GrpcChannel>,
+    identity: Option<IdentityClient>,
     /// Serializes add/del: they read and write records and the id space.
     lock: tokio::sync::Mutex<()>,
 }
@@ -195,9 +200,10 @@ impl EndpointManager {
         dir: PathBuf,
         datapath: Arc<Mutex<Datapath>>,
         ipam: ipam::ipam_client::IpamClient<GrpcChannel>,
+        identity: Option<IdentityClient>,
     ) -> Result<Self, EndpointError> {
         std::fs::create_dir_all(&dir).map_err(|source| EndpointError::State { path: dir.clone(), source })?;
-        Ok(Self { node, net, dir, datapath, ipam, lock: tokio::sync::Mutex::new(()) })
+        Ok(Self { node, net, dir, datapath, ipam, identity, lock: tokio::sync::Mutex::new(()) })
     }
 
     /// The node's name.
@@ -279,23 +285,98 @@ impl EndpointManager {
         let ip: Ipv4Addr = alloc.ip.parse().map_err(|_| EndpointError::Ipam(tonic::Status::internal(format!("ipam returned `{}`", alloc.ip))))?;
         let id = self.next_id();
         let host = host_ifname(&req.container_id, &req.ifname);
-        match self.plumb(&req, ip, id, &host) {
+        let namespace = if req.pod_namespace.is_empty() { "default" } else { req.pod_namespace.as_str() };
+        let identity = match &self.identity {
+            Some(c) => match c.allocate(namespace, &req.labels).await {
+                Ok(i) => i,
+                Err(s) => {
+                    let _ = self.release(ip).await;
+                    return Err(EndpointError::Identity(s));
+                }
+            },
+            None => 0,
+        };
+        let attached = match self.plumb(&req, ip, id, &host, identity) {
+            Ok(record) => match &self.identity {
+                Some(c) => c.upsert_endpoint(ip, identity, namespace, &req.pod_name).await.map(|()| record).map_err(EndpointError::Identity),
+                None => Ok(record),
+            },
+            Err(e) => Err(e),
+        };
+        match attached {
             Ok(record) => {
-                tracing::info!(endpoint = record.id, pod = %format!("{}/{}", record.pod_namespace, record.pod_name), ip = %ip, dev = %host, "endpoint attached");
+                tracing::info!(endpoint = record.id, pod = %format!("{}/{}", record.pod_namespace, record.pod_name), ip = %ip, identity, dev = %host, "endpoint attached");
                 Ok(record)
             }
             Err(e) => {
-                // Undo: the veth (both ends), the map entry, the address.
+                // Undo: the veth (both ends), the map entry, the record, the identity reference, the address.
                 let _ = netlink::ip(&["link", "del", &host]);
                 let _ = self.datapath().remove_endpoint(ip);
+                self.forget(&req.container_id, &req.ifname);
+                self.release_identity(identity).await;
                 let _ = self.release(ip).await;
                 Err(e)
             }
         }
     }
 
+    /// Drops this node's reference to `identity` unless another local endpoint still uses it.
+    async fn release_identity(&self, identity: u32) {
+        let Some(c) = &self.identity else { return };
+        if identity < 256 || self.records().iter().any(|r| r.identity == identity) {
+            return;
+        }
+        if let Err(s) = c.release(identity).await {
+            tracing::warn!(identity, error = %s.message(), "could not release identity reference");
+        }
+    }
+
+    /// Replaces a pod's labels: the endpoint moves to the new label set's
+    /// identity (map entry and cluster-wide ipcache), and the old identity's
+    /// reference is dropped when no local endpoint uses it any more.
+    pub async fn set_labels(&self, container_id: &str, ifname: &str, labels: BTreeMap<String, String>) -> Result<EndpointRecord, EndpointError> {
+        let _guard = self.lock.lock().await;
+        let mut r = self
+            .record(container_id, ifname)
+            .ok_or_else(|| EndpointError::NotFound { container: container_id.into(), ifname: ifname.into() })?;
+        let old = r.identity;
+        let new = match &self.identity {
+            Some(c) => c.allocate(&r.pod_namespace, &labels).await.map_err(EndpointError::Identity)?,
+            None => 0,
+        };
+        r.labels = labels;
+        r.identity = new;
+        self.datapath().upsert_endpoint(r.ip, &endpoint_info(&r)?)?;
+        self.save(&r)?;
+        if let Some(c) = &self.identity {
+            c.upsert_endpoint(r.ip, new, &r.pod_namespace, &r.pod_name).await.map_err(EndpointError::Identity)?;
+        }
+        if old != new {
+            self.release_identity(old).await;
+        }
+        tracing::info!(endpoint = r.id, old, new, "endpoint relabelled");
+        Ok(r)
+    }
+
+    /// Records every local endpoint again under a new identity lease: its
+    /// identity reference and its ipcache entry. Used after the old lease expired.
+    pub async fn rerecord(&self) -> Result<(), EndpointError> {
+        let Some(c) = &self.identity else { return Ok(()) };
+        let _guard = self.lock.lock().await;
+        for mut r in self.records() {
+            let id = c.allocate(&r.pod_namespace, &r.labels).await.map_err(EndpointError::Identity)?;
+            if id != r.identity {
+                r.identity = id;
+                self.datapath().upsert_endpoint(r.ip, &endpoint_info(&r)?)?;
+                self.save(&r)?;
+            }
+            c.upsert_endpoint(r.ip, id, &r.pod_namespace, &r.pod_name).await.map_err(EndpointError::Identity)?;
+        }
+        Ok(())
+    }
+
     /// The synchronous part of `add`: links, addresses, routes, eBPF.
-    fn plumb(&self, req: &AddRequest, ip: Ipv4Addr, id: u32, host: &str) -> Result<EndpointRecord, EndpointError> {
+    fn plumb(&self, req: &AddRequest, ip: Ipv4Addr, id: u32, host: &str, identity: u32) -> Result<EndpointRecord, EndpointError> {
         netlink::ip(&["link", "add", host, "type", "veth", "peer", "name", &req.ifname, "netns", &req.netns])?;
         let host_link = netlink::link(host).ok_or_else(|| EndpointError::Invalid { field: "ifname", message: format!("{host} vanished") })?;
         let gw = self.net.gateway.to_string();
@@ -325,7 +406,7 @@ impl EndpointManager {
             host_ifname: host.to_string(),
             host_ifindex: host_link.ifindex,
             host_mac: host_link.mac,
-            identity: 0,
+            identity,
         };
         self.program(&record)?;
         self.save(&record)?;
@@ -371,8 +452,16 @@ impl EndpointManager {
         if netlink::link(&r.host_ifname).is_some() {
             netlink::ip(&["link", "del", &r.host_ifname])?;
         }
+        if let Some(c) = &self.identity {
+            if let Err(s) = c.delete_endpoint(r.ip).await {
+                if s.code() != tonic::Code::NotFound {
+                    return Err(EndpointError::Identity(s));
+                }
+            }
+        }
         self.release(r.ip).await?;
         self.forget(container_id, ifname);
+        self.release_identity(r.identity).await;
         tracing::info!(endpoint = r.id, ip = %r.ip, "endpoint detached");
         Ok(true)
     }

@@ -4,6 +4,7 @@
 //! - `bpf`: loads the C programs, owns every map and link (the only module with raw aya calls).
 //! - [`routes`]: kernel routes to other nodes' pod CIDRs, from IPAM's stream.
 //! - [`endpoints`]: attaching pods (veth, addresses, routes, eBPF) and detaching them.
+//! - [`identity`]: identities of local pods, the node's lease, the ipcache map from the identity service's stream.
 //! - [`netlink`]: iproute2 invocations, in the node's or a pod's namespace.
 //! - [`masquerade`]: nftables masquerading of traffic leaving the cluster.
 //! - [`api`]: the node's gRPC API (`membrane.node.v1.Node`).
@@ -13,6 +14,7 @@ pub mod agent;
 pub mod api;
 pub mod bpf;
 pub mod endpoints;
+pub mod identity;
 pub mod masquerade;
 pub mod netlink;
 pub mod routes;

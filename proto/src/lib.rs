@@ -51,3 +51,10 @@ pub mod identity {
         tonic::include_proto!("membrane.identity.v1");
     }
 }
+
+/// `membrane.policy.v1`: network policy, resolved per identity.
+pub mod policy {
+    pub mod v1 {
+        tonic::include_proto!("membrane.policy.v1");
+    }
+}

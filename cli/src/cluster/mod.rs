@@ -381,6 +381,12 @@ async fn start(
             ("MEMBRANE_LISTEN".to_string(), listen.clone()),
             ("MEMBRANE_ETCD_ENDPOINTS".to_string(), etcd_endpoint.clone()),
         ]);
+        // Services that follow others' streams (policy follows identity)
+        // find them the way nodes do. The table is in dependency order.
+        for (dep, service) in &started {
+            env.push((dep.node_env.to_string(), service.endpoint.clone()));
+            env.push((dep.node_server_name_env(), service.server_name.clone()));
+        }
         let child = process::spawn(
             state_dir,
             &Launch {

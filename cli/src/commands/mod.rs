@@ -2,6 +2,7 @@
 
 pub mod apply;
 pub mod get;
+pub mod identities;
 pub mod ipam;
 pub mod pod;
 pub mod status;

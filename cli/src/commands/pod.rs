@@ -315,3 +315,47 @@ pub async fn endpoints(ctx: &Ctx, format: Format) -> anyhow::Result<()> {
         &items,
     )
 }
+
+/// `membrane pod label`: replaces labels (`k=v` sets, `k-` removes), and moves
+/// the pod to the identity of its new label set.
+pub async fn label(ctx: &Ctx, namespace: &str, name: &str, changes: &[String]) -> anyhow::Result<()> {
+    let state_dir = ctx.info.state_dir.clone();
+    let mut pod = find(&state_dir, namespace, name)?;
+    anyhow::ensure!(!changes.is_empty(), "no label changes given (k=v to set, k- to remove)");
+    for c in changes {
+        if let Some(key) = c.strip_suffix('-').filter(|k| !k.contains('=')) {
+            pod.labels.remove(key);
+        } else {
+            let (k, v) = parse_kv("labels", std::slice::from_ref(c))?.into_iter().next().context("label")?;
+            pod.labels.insert(k, v);
+        }
+    }
+    let target = ctx.nodes.iter().find(|n| n.name == pod.node).with_context(|| format!("node `{}` of pod `{namespace}/{name}` is not running", pod.node))?;
+    let ep = node::node_client::NodeClient::new(ctx.connect(target).await?)
+        .set_endpoint_labels(node::SetEndpointLabelsRequest {
+            container_id: pod.container_id.clone(),
+            ifname: "eth0".into(),
+            labels: pod.labels.clone().into_iter().collect(),
+        })
+        .await
+        .map_err(|s| status_err(&format!("label pod `{namespace}/{name}`"), s))?
+        .into_inner();
+    std::fs::write(record_path(&state_dir, namespace, name), serde_json::to_vec_pretty(&pod)?).context("write pod record")?;
+    println!("pod/{name} labeled (identity {})", ep.identity);
+    Ok(())
+}
+
+/// `membrane get ipcache`: the ipcache map of each node (or of one).
+pub async fn ipcache(ctx: &Ctx, only: Option<&str>, format: Format) -> anyhow::Result<()> {
+    let mut items = Vec::new();
+    for n in ctx.nodes.iter().filter(|n| only.is_none_or(|o| o == n.name)) {
+        let entries = node::node_client::NodeClient::new(ctx.connect(n).await?)
+            .ipcache(node::IpcacheRequest {})
+            .await
+            .map_err(|s| status_err(&format!("ipcache of {}", n.name), s))?
+            .into_inner()
+            .entries;
+        items.extend(entries.into_iter().map(|e| json!({"node": n.name, "prefix": e.prefix, "identity": e.identity})));
+    }
+    output::print_items(format, &[("NODE", "node"), ("PREFIX", "prefix"), ("IDENTITY", "identity")], &items)
+}

@@ -20,22 +20,50 @@
 
 #include <linux/types.h>
 
-#define MEMBRANE_LAYOUT_VERSION 1
+#define MEMBRANE_LAYOUT_VERSION 2
 
 /* Map sizes (max_entries). */
 #define ENDPOINT_MAP_SIZE 4096
 #define CT_MAP_SIZE 65536
 #define EVENTS_RINGBUF_SIZE (256 * 1024)
+#define IPCACHE_MAP_SIZE 65536
+#define POLICY_MAP_SIZE 65536
+#define EP_DROPS_MAP_SIZE (ENDPOINT_MAP_SIZE * 4)
+
+/* --- identities --- */
+
+/*
+ * Reserved security identities. Global (cluster-wide, label-derived)
+ * identities are IDENTITY_GLOBAL_MIN..=IDENTITY_GLOBAL_MAX; identities of
+ * CIDR prefixes are node-local and start at IDENTITY_LOCAL_CIDR_BASE.
+ */
+#define IDENTITY_UNKNOWN 0
+#define IDENTITY_HOST 1        /* this node */
+#define IDENTITY_WORLD 2       /* anything the ipcache does not know */
+#define IDENTITY_UNMANAGED 3
+#define IDENTITY_HEALTH 4
+#define IDENTITY_INIT 5
+#define IDENTITY_REMOTE_NODE 6
+#define IDENTITY_GLOBAL_MIN 256
+#define IDENTITY_GLOBAL_MAX 65535
+#define IDENTITY_LOCAL_CIDR_BASE (1 << 24)
 
 /* --- endpoint map: pod IPv4 (network order, __be32) -> endpoint_info --- */
 
-/* endpoint_info.flags */
+/*
+ * endpoint_info.flags. An enforced direction is default-deny: a packet no
+ * policy entry allows is dropped (DROP_POLICY_DEFAULT_DENY). A direction that
+ * is not enforced still honours explicit deny entries.
+ * Bit n is direction n (POLICY_INGRESS, POLICY_EGRESS).
+ */
 #define ENDPOINT_F_NONE 0
+#define ENDPOINT_F_INGRESS_ENFORCED 0x1
+#define ENDPOINT_F_EGRESS_ENFORCED 0x2
 
 struct endpoint_info {
 	__u32 ifindex;      /* node-side veth (lxc*) in the node namespace */
 	__u32 endpoint_id;  /* agent-assigned, stable for the pod's lifetime */
-	__u32 identity;     /* security identity; 0 until policy lands */
+	__u32 identity;     /* security identity of the pod (0: unassigned, use the ipcache) */
 	__u32 flags;        /* ENDPOINT_F_* */
 	__u8 pod_mac[6];    /* MAC of eth0 inside the pod */
 	__u8 node_mac[6];   /* MAC of the node-side veth */
@@ -44,9 +72,13 @@ struct endpoint_info {
 
 /* --- connection tracking --- */
 
-/* ct_key.dir: the hook that created the entry. Policy will add CT_INGRESS. */
-#define CT_EGRESS 0 /* seen leaving a pod (bpf_lxc) */
-#define CT_INGRESS 1
+/*
+ * ct_key.dir: the hook that created the entry. A packet is ESTABLISHED if
+ * (tuple, dir of its hook) is a key and a REPLY if its reversed tuple is a
+ * key with either dir (see ct.h).
+ */
+#define CT_EGRESS 0  /* seen leaving a pod (bpf_lxc) */
+#define CT_INGRESS 1 /* seen entering a pod (bpf_host, to_container) */
 
 struct ct_key {
 	__be32 saddr;
@@ -74,6 +106,76 @@ struct ct_entry {
 	__u32 pad;
 };
 
+/* --- ipcache: LPM trie, IPv4 prefix -> security identity --- */
+
+struct ipcache_key {
+	__u32 prefixlen; /* 0..=32 */
+	__be32 addr;     /* network byte order */
+};
+
+struct ipcache_value {
+	__u32 identity;
+	__u32 flags; /* none defined yet: 0 */
+};
+
+/* --- policy: LPM trie, (endpoint, direction, peer, proto, port) -> verdict --- */
+
+#define POLICY_INGRESS 0
+#define POLICY_EGRESS 1
+
+#define POLICY_ALLOW 1
+#define POLICY_DENY 2
+
+#define POLICY_PROTO_ANY 0
+#define POLICY_PEER_ANY 0
+
+/*
+ * Fields are ordered so that everything before dport is always fully
+ * specified and only dport is wildcarded: prefixlen counts bits from
+ * endpoint_id on, so an entry's prefixlen is POLICY_PREFIX_FIXED (80) plus
+ * the number of leading dport bits it matches (0..=16). Lookups use
+ * POLICY_PREFIX_FULL. A port range is written as the few aligned power-of-two
+ * blocks that tile it. There are no padding bytes: the trie compares bytes.
+ *
+ * Contract with userspace (which alone writes this map):
+ *  - A (endpoint, direction, peer_identity, proto) tuple is a "group". Within
+ *    one group, entries never overlap: userspace resolves its rules over the
+ *    port space first (deny wins over allow, the lowest rule_id names the
+ *    result) and writes the resulting disjoint ranges. So the longest-prefix
+ *    match of a group is the group's final verdict for the port.
+ *  - The datapath combines the four groups that can apply to a packet,
+ *    (peer, proto), (peer, any), (any, proto), (any, any): any deny wins,
+ *    else any allow allows, else the endpoint's enforcement flag decides.
+ *  - peer_identity 0 means any peer, proto 0 any protocol. TCP and UDP are
+ *    looked up with their destination port, every other protocol with port 0.
+ */
+struct policy_key {
+	__u32 prefixlen;
+	__u32 endpoint_id;
+	__u32 peer_identity; /* POLICY_PEER_ANY or an identity */
+	__u8 direction;      /* POLICY_INGRESS / POLICY_EGRESS */
+	__u8 proto;          /* POLICY_PROTO_ANY or an IP protocol number */
+	__be16 dport;        /* network byte order; the only wildcarded bits */
+};
+
+#define POLICY_PREFIX_FIXED 80
+#define POLICY_PREFIX_FULL 96
+
+struct policy_value {
+	__u8 verdict; /* POLICY_ALLOW / POLICY_DENY */
+	__u8 pad[3];
+	__u32 rule_id; /* reported with drops; opaque to the datapath */
+};
+
+/* --- per-endpoint drop counters: per-CPU hash of struct metric_value --- */
+
+struct ep_drop_key {
+	__u32 endpoint_id;
+	__u8 reason;    /* enum drop_reason */
+	__u8 direction; /* POLICY_INGRESS / POLICY_EGRESS */
+	__u16 pad;
+};
+
 /* --- metrics: per-CPU array indexed by enum metric --- */
 
 enum metric {
@@ -85,6 +187,7 @@ enum metric {
 	METRIC_CT_NEW = 5,
 	METRIC_CT_ESTABLISHED = 6,
 	METRIC_CT_REPLY = 7,
+	METRIC_TO_LXC = 8,        /* packets the stack delivers to pods (to_container) */
 	/* METRIC_DROP_BASE + enum drop_reason */
 	METRIC_DROP_BASE = 16,
 	METRIC_MAX = 32,
@@ -95,6 +198,8 @@ enum drop_reason {
 	DROP_CT_FULL = 2,       /* ct entry could not be created */
 	DROP_TTL_EXCEEDED = 3,  /* would route a packet whose TTL is <= 1 */
 	DROP_REWRITE_FAILED = 4,/* skb store/checksum helper failed */
+	DROP_POLICY_DENY = 5,   /* a deny entry matched */
+	DROP_POLICY_DEFAULT_DENY = 6, /* enforced direction, no entry allowed it */
 	DROP_REASON_MAX = 15,
 };
 
@@ -113,7 +218,11 @@ enum event_type {
 enum obs_point {
 	OBS_LXC = 1,  /* bpf_lxc: leaving a pod */
 	OBS_HOST = 2, /* bpf_host: arriving on the underlay */
+	OBS_TO_LXC = 3, /* to_container: the stack delivering to a pod */
 };
+
+/* trace_event.direction when no endpoint's policy was involved. */
+#define TRACE_DIR_NONE 0xff
 
 struct trace_event {
 	__u64 ts_ns;
@@ -122,14 +231,26 @@ struct trace_event {
 	__u16 reason;   /* enum drop_reason for EVENT_DROP, else 0 */
 	__u32 ifindex;  /* interface the packet arrived on */
 	__u32 pkt_len;
-	__u32 pad;
+	__u32 rule_id;  /* policy drops: the deny entry's rule (0 for default deny) */
 	struct ct_key tuple; /* zero where the packet could not be parsed */
+	__u32 src_identity;  /* 0 where not resolved */
+	__u32 dst_identity;
+	__u32 endpoint_id;   /* the endpoint whose policy applied (0: none) */
+	__u8 direction;      /* POLICY_INGRESS / POLICY_EGRESS / TRACE_DIR_NONE */
+	__u8 pad[3];
 };
 
 /* --- load-time configuration (a `volatile const` global, see config.h) --- */
 
 #define FEATURE_REDIRECT_PEER 0x1
 #define FEATURE_REDIRECT_NEIGH 0x2
+
+/*
+ * skb->mark set on a packet bpf_host delivers with bpf_redirect_neigh: it
+ * then leaves through the pod veth's tc egress, where to_container must not
+ * judge (and count) it a second time. Cleared there; never crosses into a pod.
+ */
+#define MARK_POLICY_DONE 0x4d420001
 
 /* TC verdicts, from <linux/pkt_cls.h>, restated so userspace sees them here. */
 #define MEMBRANE_TC_ACT_OK 0

@@ -19,4 +19,16 @@ static __always_inline int feature_enabled(__u32 feature)
 	return (CONFIG_FEATURES & feature) != 0;
 }
 
+/*
+ * Network policy (ipcache + policy map lookups). On by default; a loader that
+ * patches it to 0 gets programs from which the verifier removed every policy
+ * branch (what the "policy off" benchmark measures).
+ */
+volatile const __u32 CONFIG_POLICY_ENABLED = 1;
+
+static __always_inline int policy_enabled(void)
+{
+	return CONFIG_POLICY_ENABLED != 0;
+}
+
 #endif /* MEMBRANE_CONFIG_H */

@@ -61,6 +61,8 @@ static __always_inline int redirect_to_endpoint(struct __sk_buff *ctx, const str
 		metric_inc(METRIC_REDIRECT_PEER, ctx->len);
 		return bpf_redirect_peer(ep->ifindex, 0);
 	}
+	/* The packet leaves through the veth's tc egress: tell to_container it was judged. */
+	ctx->mark = MARK_POLICY_DONE;
 	metric_inc(METRIC_REDIRECT_NEIGH, ctx->len);
 	return bpf_redirect_neigh(ep->ifindex, NULL, 0, 0);
 }

@@ -20,8 +20,18 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } mb_events SEC(".maps");
 
+/* Who the packet is, policy-wise: what events report beside the tuple. */
+struct trace_meta {
+	__u32 src_identity;
+	__u32 dst_identity;
+	__u32 endpoint_id; /* whose policy applied */
+	__u32 rule_id;
+	__u8 direction;    /* POLICY_INGRESS / POLICY_EGRESS / TRACE_DIR_NONE */
+};
+
 static __always_inline void emit_event(struct __sk_buff *ctx, __u8 type, __u8 source,
-				       __u16 reason, const struct ct_key *tuple)
+				       __u16 reason, const struct ct_key *tuple,
+				       const struct trace_meta *meta)
 {
 	struct trace_event ev = {
 		.ts_ns = bpf_ktime_get_ns(),
@@ -30,10 +40,18 @@ static __always_inline void emit_event(struct __sk_buff *ctx, __u8 type, __u8 so
 		.reason = reason,
 		.ifindex = ctx->ifindex,
 		.pkt_len = ctx->len,
+		.direction = TRACE_DIR_NONE,
 	};
 
 	if (tuple)
 		ev.tuple = *tuple;
+	if (meta) {
+		ev.src_identity = meta->src_identity;
+		ev.dst_identity = meta->dst_identity;
+		ev.endpoint_id = meta->endpoint_id;
+		ev.rule_id = meta->rule_id;
+		ev.direction = meta->direction;
+	}
 	/* A full ring buffer loses the event, never the packet. */
 	bpf_ringbuf_output(&mb_events, &ev, sizeof(ev), 0);
 }
@@ -43,7 +61,17 @@ static __always_inline int drop_packet(struct __sk_buff *ctx, __u8 source, __u16
 				       const struct ct_key *tuple)
 {
 	metric_inc(METRIC_DROP_BASE + (reason & DROP_REASON_MAX), ctx->len);
-	emit_event(ctx, EVENT_DROP, source, reason, tuple);
+	emit_event(ctx, EVENT_DROP, source, reason, tuple, NULL);
+	return TC_ACT_SHOT;
+}
+
+/* A policy drop: also counted per endpoint and reported with identities and rule. */
+static __always_inline int drop_policy(struct __sk_buff *ctx, __u8 source, __u16 reason,
+				       const struct ct_key *tuple, const struct trace_meta *meta)
+{
+	metric_inc(METRIC_DROP_BASE + (reason & DROP_REASON_MAX), ctx->len);
+	ep_drop_inc(meta->endpoint_id, reason, meta->direction, ctx->len);
+	emit_event(ctx, EVENT_DROP, source, reason, tuple, meta);
 	return TC_ACT_SHOT;
 }
 

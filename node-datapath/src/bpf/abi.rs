@@ -10,10 +10,43 @@
 /// `MEMBRANE_LAYOUT_VERSION`: bump with any map key/value change (the map pin
 /// directory is versioned with it, because aya reuses a pinned map whatever
 /// layout the new object declares).
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 pub(crate) const FEATURE_REDIRECT_PEER: u32 = 0x1;
 pub(crate) const FEATURE_REDIRECT_NEIGH: u32 = 0x2;
+#[allow(dead_code, reason = "mirrors common.h; checked by the layout test")]
+pub(crate) const MARK_POLICY_DONE: u32 = 0x4d42_0001;
+
+#[allow(dead_code, reason = "mirrors common.h; checked by the layout test")]
+pub(crate) const IPCACHE_MAP_SIZE: u32 = 65536;
+#[allow(dead_code, reason = "mirrors common.h; checked by the layout test")]
+pub(crate) const POLICY_MAP_SIZE: u32 = 65536;
+
+pub(crate) const IDENTITY_UNKNOWN: u32 = 0;
+pub(crate) const IDENTITY_HOST: u32 = 1;
+pub(crate) const IDENTITY_WORLD: u32 = 2;
+pub(crate) const IDENTITY_UNMANAGED: u32 = 3;
+pub(crate) const IDENTITY_HEALTH: u32 = 4;
+pub(crate) const IDENTITY_INIT: u32 = 5;
+pub(crate) const IDENTITY_REMOTE_NODE: u32 = 6;
+pub(crate) const IDENTITY_GLOBAL_MIN: u32 = 256;
+pub(crate) const IDENTITY_GLOBAL_MAX: u32 = 65535;
+pub(crate) const IDENTITY_LOCAL_CIDR_BASE: u32 = 1 << 24;
+
+pub(crate) const ENDPOINT_F_INGRESS_ENFORCED: u32 = 0x1;
+pub(crate) const ENDPOINT_F_EGRESS_ENFORCED: u32 = 0x2;
+
+pub(crate) const POLICY_INGRESS: u8 = 0;
+pub(crate) const POLICY_EGRESS: u8 = 1;
+pub(crate) const POLICY_ALLOW: u8 = 1;
+pub(crate) const POLICY_DENY: u8 = 2;
+pub(crate) const POLICY_PROTO_ANY: u8 = 0;
+pub(crate) const POLICY_PEER_ANY: u32 = 0;
+pub(crate) const POLICY_PREFIX_FIXED: u32 = 80;
+#[allow(dead_code, reason = "mirrors common.h; checked by the layout test")]
+pub(crate) const POLICY_PREFIX_FULL: u32 = 96;
+#[allow(dead_code, reason = "mirrors common.h; checked by the layout test")]
+pub(crate) const TRACE_DIR_NONE: u8 = 0xff;
 
 #[allow(dead_code, reason = "mirrors common.h; checked by the layout test")]
 pub(crate) const CT_EGRESS: u8 = 0;
@@ -28,6 +61,7 @@ pub(crate) const METRIC_REDIRECT_NEIGH: u32 = 4;
 pub(crate) const METRIC_CT_NEW: u32 = 5;
 pub(crate) const METRIC_CT_ESTABLISHED: u32 = 6;
 pub(crate) const METRIC_CT_REPLY: u32 = 7;
+pub(crate) const METRIC_TO_LXC: u32 = 8;
 pub(crate) const METRIC_DROP_BASE: u32 = 16;
 pub(crate) const METRIC_MAX: u32 = 32;
 
@@ -35,12 +69,15 @@ pub(crate) const DROP_INVALID: u16 = 1;
 pub(crate) const DROP_CT_FULL: u16 = 2;
 pub(crate) const DROP_TTL_EXCEEDED: u16 = 3;
 pub(crate) const DROP_REWRITE_FAILED: u16 = 4;
+pub(crate) const DROP_POLICY_DENY: u16 = 5;
+pub(crate) const DROP_POLICY_DEFAULT_DENY: u16 = 6;
 pub(crate) const DROP_REASON_MAX: u16 = 15;
 
 pub(crate) const EVENT_TRACE_NEW_CONN: u8 = 1;
 pub(crate) const EVENT_DROP: u8 = 2;
 pub(crate) const OBS_LXC: u8 = 1;
 pub(crate) const OBS_HOST: u8 = 2;
+pub(crate) const OBS_TO_LXC: u8 = 3;
 
 pub(crate) const TC_ACT_OK: i32 = 0;
 pub(crate) const TC_ACT_SHOT: i32 = 2;
@@ -88,6 +125,56 @@ pub(crate) struct CtEntryRaw {
     pub pad: u32,
 }
 
+/// `struct ipcache_key`, for the layout test: aya's `lpm_trie::Key<[u8; 4]>`
+/// is the same bytes (prefix length, then the address in network order).
+#[cfg(test)]
+#[repr(C)]
+pub(crate) struct IpcacheKeyRaw {
+    pub prefixlen: u32,
+    pub addr: [u8; 4],
+}
+
+/// `struct ipcache_value`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct IpcacheValueRaw {
+    pub identity: u32,
+    pub flags: u32,
+}
+
+/// `struct policy_key` without its leading `prefixlen`: the data half of
+/// aya's `lpm_trie::Key<PolicyKeyData>` (which is `#[repr(C, packed)]`
+/// `{ u32 prefix_len; data }`, i.e. exactly `struct policy_key`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct PolicyKeyData {
+    pub endpoint_id: u32,
+    pub peer_identity: u32,
+    pub direction: u8,
+    pub proto: u8,
+    /// Network byte order.
+    pub dport: [u8; 2],
+}
+
+/// `struct policy_value`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct PolicyValueRaw {
+    pub verdict: u8,
+    pub pad: [u8; 3],
+    pub rule_id: u32,
+}
+
+/// `struct ep_drop_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub(crate) struct EpDropKeyRaw {
+    pub endpoint_id: u32,
+    pub reason: u8,
+    pub direction: u8,
+    pub pad: u16,
+}
+
 /// `struct metric_value`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -106,8 +193,13 @@ pub(crate) struct TraceEventRaw {
     pub reason: u16,
     pub ifindex: u32,
     pub pkt_len: u32,
-    pub pad: u32,
+    pub rule_id: u32,
     pub tuple: CtKeyRaw,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub endpoint_id: u32,
+    pub direction: u8,
+    pub pad: [u8; 3],
 }
 
 impl TraceEventRaw {
@@ -126,7 +218,8 @@ impl TraceEventRaw {
         }
         let mut ts = [0u8; 8];
         ts.copy_from_slice(&bytes[0..8]);
-        let t = 24; // offset of `tuple`, checked by the layout test
+        // Offsets as checked by the layout test.
+        let t = 24;
         Some(Self {
             ts_ns: u64::from_ne_bytes(ts),
             kind: u8_at(8),
@@ -134,7 +227,7 @@ impl TraceEventRaw {
             reason: u16_at(10),
             ifindex: u32_at(12),
             pkt_len: u32_at(16),
-            pad: u32_at(20),
+            rule_id: u32_at(20),
             tuple: CtKeyRaw {
                 saddr: arr4(t),
                 daddr: arr4(t + 4),
@@ -144,6 +237,11 @@ impl TraceEventRaw {
                 dir: u8_at(t + 13),
                 pad: arr2(t + 14),
             },
+            src_identity: u32_at(40),
+            dst_identity: u32_at(44),
+            endpoint_id: u32_at(48),
+            direction: u8_at(52),
+            pad: [u8_at(53), u8_at(54), u8_at(55)],
         })
     }
 }
@@ -155,9 +253,16 @@ impl TraceEventRaw {
 // checks that the sizes equal the sum the C compiler computes.
 #[allow(unsafe_code)]
 mod pod {
-    use super::{CtEntryRaw, CtKeyRaw, EndpointInfoRaw, MetricValueRaw};
+    use super::{
+        CtEntryRaw, CtKeyRaw, EndpointInfoRaw, EpDropKeyRaw, IpcacheValueRaw, MetricValueRaw,
+        PolicyKeyData, PolicyValueRaw,
+    };
 
     unsafe impl aya::Pod for EndpointInfoRaw {}
+    unsafe impl aya::Pod for IpcacheValueRaw {}
+    unsafe impl aya::Pod for PolicyKeyData {}
+    unsafe impl aya::Pod for PolicyValueRaw {}
+    unsafe impl aya::Pod for EpDropKeyRaw {}
     unsafe impl aya::Pod for CtKeyRaw {}
     unsafe impl aya::Pod for CtEntryRaw {}
     unsafe impl aya::Pod for MetricValueRaw {}
@@ -198,12 +303,68 @@ mod tests {
         layout!("metric_value", MetricValueRaw, ["packets" => packets, "bytes" => bytes]);
         layout!("trace_event", TraceEventRaw, [
             "ts_ns" => ts_ns, "type" => kind, "source" => source, "reason" => reason,
-            "ifindex" => ifindex, "pkt_len" => pkt_len, "pad" => pad, "tuple" => tuple,
+            "ifindex" => ifindex, "pkt_len" => pkt_len, "rule_id" => rule_id, "tuple" => tuple,
+            "src_identity" => src_identity, "dst_identity" => dst_identity,
+            "endpoint_id" => endpoint_id, "direction" => direction, "pad" => pad,
         ]);
+        layout!("ipcache_key", IpcacheKeyRaw, ["prefixlen" => prefixlen, "addr" => addr]);
+        layout!("ipcache_value", IpcacheValueRaw, ["identity" => identity, "flags" => flags]);
+        layout!("policy_value", PolicyValueRaw, [
+            "verdict" => verdict, "pad" => pad, "rule_id" => rule_id,
+        ]);
+        layout!("ep_drop_key", EpDropKeyRaw, [
+            "endpoint_id" => endpoint_id, "reason" => reason, "direction" => direction,
+            "pad" => pad,
+        ]);
+        // aya's LPM key is `{ u32 prefix_len; PolicyKeyData }`, packed.
+        type PolicyKey = aya::maps::lpm_trie::Key<PolicyKeyData>;
+        put("sizeof policy_key", size_of::<PolicyKey>() as u64);
+        put("offsetof policy_key.prefixlen", 0);
+        for (field, off) in [
+            ("endpoint_id", offset_of!(PolicyKeyData, endpoint_id)),
+            ("peer_identity", offset_of!(PolicyKeyData, peer_identity)),
+            ("direction", offset_of!(PolicyKeyData, direction)),
+            ("proto", offset_of!(PolicyKeyData, proto)),
+            ("dport", offset_of!(PolicyKeyData, dport)),
+        ] {
+            put(&format!("offsetof policy_key.{field}"), 4 + off as u64);
+        }
+        put(
+            "sizeof ipcache_key",
+            size_of::<aya::maps::lpm_trie::Key<[u8; 4]>>() as u64,
+        );
         for (k, v) in [
             ("MEMBRANE_LAYOUT_VERSION", u64::from(LAYOUT_VERSION)),
             ("FEATURE_REDIRECT_PEER", u64::from(FEATURE_REDIRECT_PEER)),
             ("FEATURE_REDIRECT_NEIGH", u64::from(FEATURE_REDIRECT_NEIGH)),
+            ("MARK_POLICY_DONE", u64::from(MARK_POLICY_DONE)),
+            ("IPCACHE_MAP_SIZE", u64::from(IPCACHE_MAP_SIZE)),
+            ("POLICY_MAP_SIZE", u64::from(POLICY_MAP_SIZE)),
+            ("IDENTITY_UNKNOWN", u64::from(IDENTITY_UNKNOWN)),
+            ("IDENTITY_HOST", u64::from(IDENTITY_HOST)),
+            ("IDENTITY_WORLD", u64::from(IDENTITY_WORLD)),
+            ("IDENTITY_UNMANAGED", u64::from(IDENTITY_UNMANAGED)),
+            ("IDENTITY_HEALTH", u64::from(IDENTITY_HEALTH)),
+            ("IDENTITY_INIT", u64::from(IDENTITY_INIT)),
+            ("IDENTITY_REMOTE_NODE", u64::from(IDENTITY_REMOTE_NODE)),
+            ("IDENTITY_GLOBAL_MIN", u64::from(IDENTITY_GLOBAL_MIN)),
+            ("IDENTITY_GLOBAL_MAX", u64::from(IDENTITY_GLOBAL_MAX)),
+            ("IDENTITY_LOCAL_CIDR_BASE", u64::from(IDENTITY_LOCAL_CIDR_BASE)),
+            ("ENDPOINT_F_INGRESS_ENFORCED", u64::from(ENDPOINT_F_INGRESS_ENFORCED)),
+            ("ENDPOINT_F_EGRESS_ENFORCED", u64::from(ENDPOINT_F_EGRESS_ENFORCED)),
+            ("POLICY_INGRESS", u64::from(POLICY_INGRESS)),
+            ("POLICY_EGRESS", u64::from(POLICY_EGRESS)),
+            ("POLICY_ALLOW", u64::from(POLICY_ALLOW)),
+            ("POLICY_DENY", u64::from(POLICY_DENY)),
+            ("POLICY_PROTO_ANY", u64::from(POLICY_PROTO_ANY)),
+            ("POLICY_PEER_ANY", u64::from(POLICY_PEER_ANY)),
+            ("POLICY_PREFIX_FIXED", u64::from(POLICY_PREFIX_FIXED)),
+            ("POLICY_PREFIX_FULL", u64::from(POLICY_PREFIX_FULL)),
+            ("TRACE_DIR_NONE", u64::from(TRACE_DIR_NONE)),
+            ("METRIC_TO_LXC", u64::from(METRIC_TO_LXC)),
+            ("DROP_POLICY_DENY", u64::from(DROP_POLICY_DENY)),
+            ("DROP_POLICY_DEFAULT_DENY", u64::from(DROP_POLICY_DEFAULT_DENY)),
+            ("OBS_TO_LXC", u64::from(OBS_TO_LXC)),
             ("CT_EGRESS", u64::from(CT_EGRESS)),
             ("CT_INGRESS", u64::from(CT_INGRESS)),
             ("CT_F_SEEN_REPLY", u64::from(CT_F_SEEN_REPLY)),
@@ -309,6 +470,11 @@ mod tests {
         bytes[12..16].copy_from_slice(&7u32.to_ne_bytes());
         bytes[24..28].copy_from_slice(&[10, 0, 0, 1]);
         bytes[36] = 6;
+        bytes[20..24].copy_from_slice(&9u32.to_ne_bytes());
+        bytes[40..44].copy_from_slice(&1000u32.to_ne_bytes());
+        bytes[44..48].copy_from_slice(&2u32.to_ne_bytes());
+        bytes[48..52].copy_from_slice(&3u32.to_ne_bytes());
+        bytes[52] = POLICY_EGRESS;
         let ev = TraceEventRaw::from_bytes(&bytes).expect("long enough");
         assert_eq!(ev.ts_ns, 42);
         assert_eq!(
@@ -317,6 +483,16 @@ mod tests {
         );
         assert_eq!(ev.tuple.saddr, [10, 0, 0, 1]);
         assert_eq!(ev.tuple.proto, 6);
+        assert_eq!(
+            (
+                ev.rule_id,
+                ev.src_identity,
+                ev.dst_identity,
+                ev.endpoint_id,
+                ev.direction
+            ),
+            (9, 1000, 2, 3, POLICY_EGRESS)
+        );
         assert!(TraceEventRaw::from_bytes(&bytes[..10]).is_none());
     }
 }

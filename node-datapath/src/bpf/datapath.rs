@@ -3,14 +3,19 @@
 //! tcx links.
 
 use std::{
+    collections::{BTreeMap, BTreeSet},
     fs, io,
     net::Ipv4Addr,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, Map, MapData, MapError, PerCpuArray, RingBuf},
+    maps::{
+        HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf,
+        lpm_trie::{Key, LpmTrie},
+    },
     programs::{
         LinkOrder, ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions,
         links::{FdLink, LinkError, PinnedLink},
@@ -19,19 +24,28 @@ use aya::{
     sys::SyscallError,
 };
 
+use ipnet::Ipv4Net;
+
 use super::{
     AttachError, Error, Hook, LAYOUT_VERSION,
-    abi::{self, CtEntryRaw, CtKeyRaw, EndpointInfoRaw, MetricValueRaw},
+    abi::{
+        self, CtEntryRaw, CtKeyRaw, EndpointInfoRaw, EpDropKeyRaw, IpcacheValueRaw,
+        MetricValueRaw, PolicyKeyData, PolicyValueRaw,
+    },
     events::EventReader,
     features::Features,
     objects,
-    types::{Counter, CtEntry, EndpointInfo, Flow, Metrics, TcVerdict},
+    policy::{self, MapKey, MapValue, PolicyEntry},
+    types::{Counter, CtEntry, Direction, DropReason, EndpointInfo, Flow, Metrics, TcVerdict},
 };
 
 const MAP_ENDPOINTS: &str = "mb_endpoints";
 const MAP_CT: &str = "mb_ct4";
 const MAP_METRICS: &str = "mb_metrics";
 const MAP_EVENTS: &str = "mb_events";
+const MAP_IPCACHE: &str = "mb_ipcache";
+const MAP_POLICY: &str = "mb_policy";
+const MAP_EP_DROPS: &str = "mb_ep_drops";
 
 /// Load-time switches, baked into the programs as constants (so the verifier
 /// prunes disabled paths and a kernel lacking a helper still loads them).
@@ -41,6 +55,20 @@ pub struct DatapathOptions {
     pub redirect_peer: bool,
     /// Let bpf_host fall back to `bpf_redirect_neigh` when peer is off.
     pub redirect_neigh: bool,
+}
+
+/// Whether the programs contain network policy at all. A load-time constant
+/// (like [`DatapathOptions`]): the verifier removes the policy code from
+/// programs loaded with [`PolicyMode::CompiledOut`], so "off" costs nothing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PolicyMode {
+    /// ipcache and policy lookups on every packet of a connection's
+    /// original direction. Without policy entries and enforcement flags this
+    /// allows everything.
+    #[default]
+    Enforced,
+    /// No policy code: everything is allowed, maps are ignored.
+    CompiledOut,
 }
 
 /// How [`Datapath::attach`] got the program onto the interface.
@@ -76,24 +104,30 @@ pub struct Datapath {
     ct: HashMap<MapData, CtKeyRaw, CtEntryRaw>,
     metrics: PerCpuArray<MapData, MetricValueRaw>,
     events: Option<RingBuf<MapData>>,
+    ipcache: LpmTrie<MapData, [u8; 4], IpcacheValueRaw>,
+    policy: LpmTrie<MapData, PolicyKeyData, PolicyValueRaw>,
+    ep_drops: PerCpuHashMap<MapData, EpDropKeyRaw, MetricValueRaw>,
 }
 
 struct Object {
     name: &'static str,
-    program: &'static str,
+    programs: &'static [&'static str],
     bytes: &'static [u8],
 }
 
 const LXC: Object = Object {
     name: "bpf_lxc",
-    program: "from_container",
+    programs: &[PROG_FROM_CONTAINER, PROG_TO_CONTAINER],
     bytes: objects::LXC,
 };
 const HOST: Object = Object {
     name: "bpf_host",
-    program: "from_netdev",
+    programs: &[PROG_FROM_NETDEV],
     bytes: objects::HOST,
 };
+const PROG_FROM_CONTAINER: &str = "from_container";
+const PROG_TO_CONTAINER: &str = "to_container";
+const PROG_FROM_NETDEV: &str = "from_netdev";
 
 // === impl DatapathOptions ===
 
@@ -121,11 +155,21 @@ impl DatapathOptions {
 // === impl Datapath ===
 
 impl Datapath {
-    /// Loads both programs into the kernel (without attaching them) and
+    /// Loads the programs into the kernel (without attaching them) and
     /// opens their maps, reusing maps already pinned under `pin_dir` by a
     /// previous agent. `pin_dir` must be on a mounted bpffs (see
-    /// [`super::ensure_bpffs`]); it is created if missing.
+    /// [`super::ensure_bpffs`]); it is created if missing. Network policy is
+    /// compiled in ([`PolicyMode::Enforced`]).
     pub fn load(pin_dir: &Path, opts: &DatapathOptions) -> Result<Self, Error> {
+        Self::load_with_policy(pin_dir, opts, PolicyMode::Enforced)
+    }
+
+    /// [`Datapath::load`], choosing whether the programs contain policy.
+    pub fn load_with_policy(
+        pin_dir: &Path,
+        opts: &DatapathOptions,
+        policy: PolicyMode,
+    ) -> Result<Self, Error> {
         let map_dir = pin_dir.join(format!("v{LAYOUT_VERSION}"));
         let link_dir = pin_dir.join("links");
         for dir in [&map_dir, &link_dir] {
@@ -135,14 +179,18 @@ impl Datapath {
             })?;
         }
         let features = opts.feature_bits();
-        let mut lxc = load_object(&LXC, &map_dir, features)?;
-        let host = load_object(&HOST, &map_dir, features)?;
+        let policy_enabled = u32::from(policy == PolicyMode::Enforced);
+        let mut lxc = load_object(&LXC, &map_dir, features, policy_enabled)?;
+        let host = load_object(&HOST, &map_dir, features, policy_enabled)?;
 
         // Both objects share the pinned maps: open them once, from bpf_lxc.
         let endpoints = typed_map(&mut lxc, MAP_ENDPOINTS, HashMap::try_from)?;
         let ct = typed_map(&mut lxc, MAP_CT, HashMap::try_from)?;
         let metrics = typed_map(&mut lxc, MAP_METRICS, PerCpuArray::try_from)?;
         let events = typed_map(&mut lxc, MAP_EVENTS, RingBuf::try_from)?;
+        let ipcache = typed_map(&mut lxc, MAP_IPCACHE, LpmTrie::try_from)?;
+        let policy = typed_map(&mut lxc, MAP_POLICY, LpmTrie::try_from)?;
+        let ep_drops = typed_map(&mut lxc, MAP_EP_DROPS, PerCpuHashMap::try_from)?;
 
         Ok(Self {
             map_dir,
@@ -153,6 +201,9 @@ impl Datapath {
             ct,
             metrics,
             events: Some(events),
+            ipcache,
+            policy,
+            ep_drops,
         })
     }
 
@@ -171,9 +222,16 @@ impl Datapath {
         self.attach(Hook::Host, ifindex)
     }
 
-    /// Attaches `hook`'s program to tcx ingress of `ifindex` (in the calling
-    /// thread's network namespace) and pins the link. If a previous agent
-    /// pinned a link there, this program replaces the old one atomically.
+    /// Attaches `to_container` to tcx egress of a pod's node-side veth, so
+    /// what the node's stack delivers to the pod passes its ingress policy.
+    pub fn attach_lxc_egress(&mut self, ifindex: u32) -> Result<AttachMode, Error> {
+        self.attach(Hook::LxcEgress, ifindex)
+    }
+
+    /// Attaches `hook`'s program to tcx ingress (egress for
+    /// [`Hook::LxcEgress`]) of `ifindex` (in the calling thread's network
+    /// namespace) and pins the link. If a previous agent pinned a link
+    /// there, this program replaces the old one atomically.
     pub fn attach(&mut self, hook: Hook, ifindex: u32) -> Result<AttachMode, Error> {
         let pin = self.link_pin_path(hook, ifindex);
         let prog = program_mut(self.object_mut(hook), hook).map_err(|source| Error::Attach {
@@ -181,7 +239,7 @@ impl Datapath {
             ifindex,
             source,
         })?;
-        attach_pinned(prog, ifindex, &pin).map_err(|source| Error::Attach {
+        attach_pinned(prog, attach_type(hook), ifindex, &pin).map_err(|source| Error::Attach {
             hook,
             ifindex,
             source,
@@ -261,6 +319,172 @@ impl Datapath {
         Ok(out)
     }
 
+    /// Sets the enforcement bits of the endpoint for `ip` (default deny in
+    /// that direction), keeping the rest of its entry. Note that
+    /// [`Datapath::upsert_endpoint`] writes `flags` as given: callers that
+    /// re-upsert an endpoint must carry the bits (see
+    /// [`EndpointInfo::enforcement_flags`]).
+    pub fn set_endpoint_enforcement(
+        &mut self,
+        ip: Ipv4Addr,
+        ingress: bool,
+        egress: bool,
+    ) -> Result<(), Error> {
+        let mut info = match self.endpoints.get(&ip.octets(), 0) {
+            Ok(info) => info,
+            Err(e) if map_not_found(&e) => return Err(Error::EndpointNotFound { ip }),
+            Err(e) => {
+                return Err(Error::Endpoint {
+                    op: "read",
+                    ip,
+                    source: Box::new(e),
+                });
+            }
+        };
+        let mask = EndpointInfo::INGRESS_ENFORCED | EndpointInfo::EGRESS_ENFORCED;
+        info.flags = (info.flags & !mask) | EndpointInfo::enforcement_flags(ingress, egress);
+        // Not BPF_EXIST-guarded: a concurrent remove would be re-created, but
+        // endpoints have one writer (the agent's endpoint manager).
+        self.endpoints
+            .insert(ip.octets(), info, 0)
+            .map_err(|e| Error::Endpoint {
+                op: "update enforcement of",
+                ip,
+                source: Box::new(e),
+            })
+    }
+
+    /// Maps every address in `prefix` to `identity` (the longest prefix
+    /// covering an address wins; addresses no prefix covers are
+    /// [`super::identity::WORLD`]).
+    pub fn upsert_ipcache(&mut self, prefix: Ipv4Net, identity: u32) -> Result<(), Error> {
+        let prefix = prefix.trunc();
+        let value = IpcacheValueRaw { identity, flags: 0 };
+        self.ipcache
+            .insert(&ipcache_key(prefix), value, 0)
+            .map_err(|e| Error::Ipcache {
+                op: "upsert",
+                prefix,
+                source: Box::new(e),
+            })
+    }
+
+    /// Removes the ipcache entry for exactly `prefix`; false if there was none.
+    pub fn remove_ipcache(&mut self, prefix: Ipv4Net) -> Result<bool, Error> {
+        let prefix = prefix.trunc();
+        match self.ipcache.remove(&ipcache_key(prefix)) {
+            Ok(()) => Ok(true),
+            Err(e) if map_not_found(&e) => Ok(false),
+            Err(e) => Err(Error::Ipcache {
+                op: "remove",
+                prefix,
+                source: Box::new(e),
+            }),
+        }
+    }
+
+    /// Every ipcache entry, sorted by prefix.
+    pub fn ipcache(&self) -> Result<Vec<(Ipv4Net, u32)>, Error> {
+        let mut out = Vec::new();
+        for item in self.ipcache.iter() {
+            let (key, value) = item.map_err(|e| Error::ReadMap {
+                map: MAP_IPCACHE,
+                source: Box::new(e),
+            })?;
+            // The kernel only accepts prefix lengths 0..=32 into this trie.
+            let prefix = Ipv4Net::new(Ipv4Addr::from(key.data()), key.prefix_len() as u8)
+                .map_err(|_| Error::ReadMap {
+                    map: MAP_IPCACHE,
+                    source: Box::new(MapError::InvalidName {
+                        name: format!("prefix length {}", key.prefix_len()),
+                    }),
+                })?;
+            out.push((prefix, value.identity));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Replaces the whole policy of `endpoint_id` (both directions) with
+    /// `entries`, which must all name that endpoint.
+    ///
+    /// The entries are resolved into map entries (see `policy.rs`: deny wins
+    /// within each (peer, protocol) group, port ranges become prefixes), the
+    /// new and changed map entries are written, then the endpoint's stale
+    /// ones are deleted. In between (one map update per entry), a packet may
+    /// be judged by a mix of old and new entries: per group it gets either
+    /// the old or the new verdict for its port, and an old allow that the
+    /// new policy drops keeps working until its entry is deleted. Writing
+    /// first means a port allowed by both policies is never dropped on the way.
+    pub fn replace_endpoint_policy(
+        &mut self,
+        endpoint_id: u32,
+        entries: &[PolicyEntry],
+    ) -> Result<(), Error> {
+        let desired = policy::encode(endpoint_id, entries)
+            .map_err(|source| Error::Policy { endpoint_id, source })?;
+        let current = self.policy_map_entries(endpoint_id)?;
+        let map_err = |op| {
+            move |e| Error::PolicyMap {
+                op,
+                endpoint_id,
+                source: Box::new(e),
+            }
+        };
+        for (key, value) in &desired {
+            if current.get(key) == Some(value) {
+                continue;
+            }
+            self.policy
+                .insert(&policy_key(key), value.to_raw(), 0)
+                .map_err(map_err("write"))?;
+        }
+        let stale: BTreeSet<&MapKey> = current.keys().filter(|k| !desired.contains_key(k)).collect();
+        for key in stale {
+            match self.policy.remove(&policy_key(key)) {
+                Ok(()) => {}
+                Err(e) if map_not_found(&e) => {}
+                Err(e) => return Err(map_err("delete stale")(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// The policy map's entries for `endpoint_id`, decoded: one
+    /// [`PolicyEntry`] per map entry (a port range appears as the
+    /// power-of-two blocks it was written as, after deny-wins resolution).
+    pub fn policy_entries(&self, endpoint_id: u32) -> Result<Vec<PolicyEntry>, Error> {
+        Ok(self
+            .policy_map_entries(endpoint_id)?
+            .into_iter()
+            .map(|(k, v)| k.to_entry(v))
+            .collect())
+    }
+
+    /// Policy drops per (endpoint id, reason, direction), packets summed over CPUs.
+    pub fn endpoint_drops(&self) -> Result<BTreeMap<(u32, DropReason, Direction), u64>, Error> {
+        let mut out = BTreeMap::new();
+        for item in self.ep_drops.iter() {
+            let (key, per_cpu) = match item {
+                Ok(kv) => kv,
+                Err(e) if map_not_found(&e) => continue,
+                Err(e) => {
+                    return Err(Error::ReadMap {
+                        map: MAP_EP_DROPS,
+                        source: Box::new(e),
+                    });
+                }
+            };
+            let Some(direction) = Direction::from_code(key.direction) else {
+                continue;
+            };
+            let packets: u64 = per_cpu.iter().map(|v| v.packets).sum();
+            let reason = DropReason::from_code(u16::from(key.reason));
+            *out.entry((key.endpoint_id, reason, direction)).or_default() += packets;
+        }
+        Ok(out)
+    }
+
     /// A snapshot of the connection tracking table. Entries evicted while
     /// iterating are skipped.
     pub fn conntrack(&self) -> Result<Vec<(Flow, CtEntry)>, Error> {
@@ -310,17 +534,29 @@ impl Datapath {
     /// `BPF_PROG_TEST_RUN` (nothing needs to be attached; maps are the real
     /// ones, so endpoints, ct, counters and events all take part).
     pub fn test_run(&self, hook: Hook, frame: &[u8]) -> Result<TestRunOutput, Error> {
+        self.test_run_repeat(hook, frame, 1).map(|(out, _)| out)
+    }
+
+    /// Runs `frame` through `hook`'s program `repeat` times in the kernel
+    /// (for benchmarks). Returns the last run's output and the kernel's mean
+    /// time per run. Each run starts from `frame` as given, while map state
+    /// (ct, counters) carries over from run to run.
+    pub fn test_run_repeat(
+        &self,
+        hook: Hook,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<(TestRunOutput, Duration), Error> {
         let err = |source| Error::TestRun {
             hook,
             source: Box::new(source),
         };
-        let object = match hook {
-            Hook::Lxc => (&self.lxc, &LXC),
-            Hook::Host => (&self.host, &HOST),
+        let ebpf = match hook {
+            Hook::Lxc | Hook::LxcEgress => &self.lxc,
+            Hook::Host => &self.host,
         };
-        let prog: &SchedClassifier = object
-            .0
-            .program(object.1.program)
+        let prog: &SchedClassifier = ebpf
+            .program(program_name(hook))
             .ok_or(ProgramError::NotLoaded)
             .and_then(TryInto::try_into)
             .map_err(err)?;
@@ -330,64 +566,145 @@ impl Datapath {
             .test_run(TestRunOptions {
                 data_in: Some(frame),
                 data_out: Some(&mut out),
+                repeat: repeat.max(1),
                 ..TestRunOptions::default()
             })
             .map_err(err)?;
         out.truncate(result.data_size_out as usize);
-        Ok(TestRunOutput {
+        let output = TestRunOutput {
             // The kernel returns the program's int return value in a u32.
             verdict: TcVerdict::from_code(result.return_value as i32),
             packet: out,
-        })
+        };
+        Ok((output, result.duration))
+    }
+
+    /// The endpoint's policy map entries, keyed as `policy.rs` encodes them.
+    /// Entries this build cannot decode (none are written) are skipped.
+    fn policy_map_entries(&self, endpoint_id: u32) -> Result<BTreeMap<MapKey, MapValue>, Error> {
+        let mut out = BTreeMap::new();
+        for item in self.policy.iter() {
+            let (key, value) = match item {
+                Ok(kv) => kv,
+                // Deleted by a concurrent writer while iterating.
+                Err(e) if map_not_found(&e) => continue,
+                Err(e) => {
+                    return Err(Error::PolicyMap {
+                        op: "read",
+                        endpoint_id,
+                        source: Box::new(e),
+                    });
+                }
+            };
+            let data = key.data();
+            if data.endpoint_id != endpoint_id {
+                continue;
+            }
+            if let (Some(k), Some(v)) = (
+                MapKey::from_raw(key.prefix_len(), data),
+                MapValue::from_raw(value),
+            ) {
+                out.insert(k, v);
+            }
+        }
+        Ok(out)
     }
 
     fn object_mut(&mut self, hook: Hook) -> &mut Ebpf {
         match hook {
-            Hook::Lxc => &mut self.lxc,
+            Hook::Lxc | Hook::LxcEgress => &mut self.lxc,
             Hook::Host => &mut self.host,
         }
     }
 
     fn link_pin_path(&self, hook: Hook, ifindex: u32) -> PathBuf {
-        // No dots: BPF_OBJ_PIN rejects them (see shared/STACK.md).
-        self.link_dir.join(format!("{hook}_ingress_{ifindex}"))
+        self.link_dir.join(link_pin_name(hook, ifindex))
+    }
+}
+
+fn ipcache_key(prefix: Ipv4Net) -> Key<[u8; 4]> {
+    Key::new(u32::from(prefix.prefix_len()), prefix.network().octets())
+}
+
+fn policy_key(key: &MapKey) -> Key<PolicyKeyData> {
+    Key::new(key.prefix_len(), key.to_raw())
+}
+
+fn program_name(hook: Hook) -> &'static str {
+    match hook {
+        Hook::Lxc => PROG_FROM_CONTAINER,
+        Hook::LxcEgress => PROG_TO_CONTAINER,
+        Hook::Host => PROG_FROM_NETDEV,
+    }
+}
+
+fn attach_type(hook: Hook) -> TcAttachType {
+    match hook {
+        Hook::Lxc | Hook::Host => TcAttachType::Ingress,
+        Hook::LxcEgress => TcAttachType::Egress,
+    }
+}
+
+/// `<hook>_<ingress|egress>_<ifindex>`. No dots: BPF_OBJ_PIN rejects them
+/// (see shared/STACK.md).
+fn link_pin_name(hook: Hook, ifindex: u32) -> String {
+    match hook {
+        Hook::Lxc => format!("lxc_ingress_{ifindex}"),
+        Hook::Host => format!("host_ingress_{ifindex}"),
+        Hook::LxcEgress => format!("lxc_egress_{ifindex}"),
     }
 }
 
 fn parse_link_pin_name(name: &str) -> Option<(Hook, u32)> {
-    let (hook, ifindex) = name.split_once("_ingress_")?;
-    let hook = match hook {
-        "lxc" => Hook::Lxc,
-        "host" => Hook::Host,
-        _ => return None,
+    let (hook, ifindex) = if let Some((hook, ifindex)) = name.split_once("_ingress_") {
+        let hook = match hook {
+            "lxc" => Hook::Lxc,
+            "host" => Hook::Host,
+            _ => return None,
+        };
+        (hook, ifindex)
+    } else {
+        let (hook, ifindex) = name.split_once("_egress_")?;
+        match hook {
+            "lxc" => (Hook::LxcEgress, ifindex),
+            _ => return None,
+        }
     };
     Some((hook, ifindex.parse().ok()?))
 }
 
-fn load_object(object: &Object, map_dir: &Path, features: u32) -> Result<Ebpf, Error> {
+fn load_object(
+    object: &Object,
+    map_dir: &Path,
+    features: u32,
+    policy_enabled: u32,
+) -> Result<Ebpf, Error> {
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(map_dir)
         .override_global("CONFIG_FEATURES", &features, true)
+        .override_global("CONFIG_POLICY_ENABLED", &policy_enabled, true)
         .load(object.bytes)
         .map_err(|e| Error::LoadObject {
             object: object.name,
             source: Box::new(e),
         })?;
-    let prog: &mut SchedClassifier = ebpf
-        .program_mut(object.program)
-        .ok_or(Error::MissingProgram {
-            object: object.name,
-            program: object.program,
-        })?
-        .try_into()
-        .map_err(|e| Error::LoadProgram {
-            program: object.program,
+    for &program in object.programs {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(program)
+            .ok_or(Error::MissingProgram {
+                object: object.name,
+                program,
+            })?
+            .try_into()
+            .map_err(|e| Error::LoadProgram {
+                program,
+                source: Box::new(e),
+            })?;
+        prog.load().map_err(|e| Error::LoadProgram {
+            program,
             source: Box::new(e),
         })?;
-    prog.load().map_err(|e| Error::LoadProgram {
-        program: object.program,
-        source: Box::new(e),
-    })?;
+    }
     Ok(ebpf)
 }
 
@@ -407,12 +724,8 @@ fn typed_map<T>(
 }
 
 fn program_mut(ebpf: &mut Ebpf, hook: Hook) -> Result<&mut SchedClassifier, AttachError> {
-    let name = match hook {
-        Hook::Lxc => LXC.program,
-        Hook::Host => HOST.program,
-    };
     Ok(ebpf
-        .program_mut(name)
+        .program_mut(program_name(hook))
         .ok_or(ProgramError::NotLoaded)?
         .try_into()?)
 }
@@ -422,6 +735,7 @@ fn program_mut(ebpf: &mut Ebpf, hook: Hook) -> Result<&mut SchedClassifier, Atta
 /// way: the pin alone keeps it, so [`Datapath::detach`] (unpin) really detaches.
 fn attach_pinned(
     prog: &mut SchedClassifier,
+    attach_type: TcAttachType,
     ifindex: u32,
     pin: &Path,
 ) -> Result<AttachMode, AttachError> {
@@ -456,7 +770,7 @@ fn attach_pinned(
         .map_err(|_| AttachError::Interface(nix::Error::EINVAL))?;
     let id = prog.attach_with_options(
         name,
-        TcAttachType::Ingress,
+        attach_type,
         TcAttachOptions::TcxOrder(LinkOrder::default()),
     )?;
     let link = FdLink::try_from(prog.take_link(id)?).map_err(AttachError::Link)?;
@@ -486,6 +800,17 @@ mod tests {
     fn link_pin_names_parse_back_into_hook_and_ifindex() {
         assert_eq!(parse_link_pin_name("lxc_ingress_7"), Some((Hook::Lxc, 7)));
         assert_eq!(parse_link_pin_name("host_ingress_2"), Some((Hook::Host, 2)));
+        assert_eq!(
+            parse_link_pin_name("lxc_egress_7"),
+            Some((Hook::LxcEgress, 7))
+        );
+        assert_eq!(parse_link_pin_name("host_egress_2"), None);
+        for hook in [Hook::Lxc, Hook::Host, Hook::LxcEgress] {
+            assert_eq!(
+                parse_link_pin_name(&link_pin_name(hook, 42)),
+                Some((hook, 42))
+            );
+        }
         assert_eq!(parse_link_pin_name("xdp_ingress_2"), None);
         assert_eq!(parse_link_pin_name("lxc_ingress_x"), None);
     }

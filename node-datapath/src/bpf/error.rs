@@ -10,7 +10,9 @@ use aya::{
     programs::{ProgramError, links::LinkError},
 };
 
-use super::Hook;
+use ipnet::Ipv4Net;
+
+use super::{Hook, PolicyError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -72,6 +74,32 @@ pub enum Error {
     Endpoint {
         op: &'static str,
         ip: Ipv4Addr,
+        #[source]
+        source: Box<MapError>,
+    },
+
+    #[error("endpoint {ip} is not in the endpoint map")]
+    EndpointNotFound { ip: Ipv4Addr },
+
+    #[error("{op} ipcache entry {prefix}")]
+    Ipcache {
+        op: &'static str,
+        prefix: Ipv4Net,
+        #[source]
+        source: Box<MapError>,
+    },
+
+    #[error("policy of endpoint {endpoint_id}")]
+    Policy {
+        endpoint_id: u32,
+        #[source]
+        source: PolicyError,
+    },
+
+    #[error("{op} policy map entries of endpoint {endpoint_id}")]
+    PolicyMap {
+        op: &'static str,
+        endpoint_id: u32,
         #[source]
         source: Box<MapError>,
     },

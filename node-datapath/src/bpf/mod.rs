@@ -6,7 +6,9 @@
 //! Code map:
 //! - `abi`: `#[repr(C)]` mirrors of `bpf/lib/common.h` (layout-tested against the C).
 //! - `types`: the public, typed view (endpoints, flows, metrics, events).
-//! - `datapath`: [`Datapath`]: load, attach/adopt/detach, endpoint map, ct, counters.
+//! - `policy`: policy rules and their encoding into the policy map (plain Rust).
+//! - `datapath`: [`Datapath`]: load, attach/adopt/detach, endpoint map,
+//!   ipcache, policy, ct, counters.
 //! - `events`: ring buffer readers (blocking and tokio).
 //! - `features`: kernel feature probes.
 //! - `bpffs`: [`ensure_bpffs`].
@@ -14,7 +16,7 @@
 //! Invariants:
 //! - Maps are pinned by name under `<pin_dir>/v<LAYOUT_VERSION>/`: both
 //!   objects (lxc, host) share them, and they outlive the agent.
-//! - Every tcx link is pinned under `<pin_dir>/links/<hook>_ingress_<ifindex>`;
+//! - Every tcx link is pinned under `<pin_dir>/links/<hook>_<ingress|egress>_<ifindex>`;
 //!   a new agent swaps its program into the pinned link (`attach_to_link`),
 //!   so restarts never leave an interface without a program.
 //! - Interface indexes are those of the calling thread's network namespace
@@ -26,28 +28,34 @@ mod datapath;
 mod error;
 mod events;
 mod features;
+mod policy;
 mod types;
 
 use std::fmt;
 
 pub use abi::LAYOUT_VERSION;
 pub use bpffs::{BPFFS_PATH, ensure_bpffs};
-pub use datapath::{AttachMode, Datapath, DatapathOptions, TestRunOutput};
+pub use datapath::{AttachMode, Datapath, DatapathOptions, PolicyMode, TestRunOutput};
 pub use error::{AttachError, Error};
 pub use events::{AsyncEventReader, EventReader};
 pub use features::{Features, probe_features};
+pub use policy::{PolicyEntry, PolicyError, PortMatch, Verdict, identity};
 pub use types::{
-    Counter, CtDirection, CtEntry, DatapathEvent, DropReason, EndpointInfo, EventKind, Flow,
-    InvalidMac, MacAddr, Metrics, ObservationPoint, TcVerdict,
+    Counter, CtDirection, CtEntry, DatapathEvent, Direction, DropReason, EndpointInfo, EventKind,
+    Flow, InvalidMac, MacAddr, Metrics, ObservationPoint, TcVerdict,
 };
 
 /// An attach point of the datapath.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Hook {
-    /// `bpf_lxc`: tc ingress of a pod's node-side veth (traffic leaving the pod).
+    /// `bpf_lxc` `from_container`: tc ingress of a pod's node-side veth
+    /// (traffic leaving the pod).
     Lxc,
     /// `bpf_host`: tc ingress of the node's underlay device.
     Host,
+    /// `bpf_lxc` `to_container`: tc egress of a pod's node-side veth
+    /// (traffic the node's stack delivers to the pod; its ingress policy).
+    LxcEgress,
 }
 
 impl fmt::Display for Hook {
@@ -55,6 +63,7 @@ impl fmt::Display for Hook {
         f.write_str(match self {
             Self::Lxc => "lxc",
             Self::Host => "host",
+            Self::LxcEgress => "lxc egress",
         })
     }
 }

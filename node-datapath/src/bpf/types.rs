@@ -22,10 +22,19 @@ pub struct EndpointInfo {
     pub node_mac: MacAddr,
     /// Agent-assigned endpoint id.
     pub endpoint_id: u32,
-    /// Security identity; 0 until policy exists.
+    /// Security identity of the pod; 0 (unassigned): the datapath asks the ipcache.
     pub identity: u32,
-    /// Reserved for per-endpoint datapath flags; 0 today.
+    /// [`EndpointInfo::INGRESS_ENFORCED`] | [`EndpointInfo::EGRESS_ENFORCED`].
     pub flags: u32,
+}
+
+/// A policy direction, from the endpoint's point of view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Direction {
+    /// Packets entering the endpoint (the peer is the source).
+    Ingress,
+    /// Packets leaving the endpoint (the peer is the destination).
+    Egress,
 }
 
 /// Direction (hook) in which a tracked connection was first seen.
@@ -33,7 +42,7 @@ pub struct EndpointInfo {
 pub enum CtDirection {
     /// Leaving a pod (`bpf_lxc`).
     Egress,
-    /// Entering a pod (reserved for policy).
+    /// Entering a pod (`bpf_host`, `to_container`).
     Ingress,
 }
 
@@ -85,6 +94,10 @@ pub enum DropReason {
     TtlExceeded,
     /// A packet-rewrite helper failed.
     RewriteFailed,
+    /// A policy deny entry matched.
+    PolicyDeny,
+    /// The direction is enforced (default deny) and no entry allowed the packet.
+    PolicyDefaultDeny,
     /// A code this build does not know (a newer datapath).
     Other(u16),
 }
@@ -104,6 +117,8 @@ pub struct Metrics {
     pub ct_new: Counter,
     pub ct_established: Counter,
     pub ct_reply: Counter,
+    /// Packets the node's stack delivered to pods (seen by `to_container`).
+    pub to_container: Counter,
     /// Only reasons with a non-zero count.
     pub drops: BTreeMap<DropReason, Counter>,
 }
@@ -127,6 +142,8 @@ pub enum ObservationPoint {
     Lxc,
     /// `bpf_host`: arriving on the underlay.
     Host,
+    /// `to_container`: the node's stack delivering to a pod.
+    ToContainer,
     Other(u8),
 }
 
@@ -151,6 +168,17 @@ pub struct DatapathEvent {
     pub ts_ns: u64,
     /// `None` when the packet could not be parsed.
     pub flow: Option<Flow>,
+    /// Security identities of source and destination; 0 where not resolved
+    /// (replies, unparsable packets).
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    /// The endpoint whose policy applied (for a new connection: the sender
+    /// in `bpf_lxc`, the receiver elsewhere); 0 for none.
+    pub endpoint_id: u32,
+    /// The policy direction of `endpoint_id`; `None` when no policy was involved.
+    pub direction: Option<Direction>,
+    /// For [`DropReason::PolicyDeny`]: the deny entry's rule; else 0.
+    pub rule_id: u32,
 }
 
 /// A tc verdict as returned by a datapath program.
@@ -163,6 +191,46 @@ pub enum TcVerdict {
     /// `TC_ACT_REDIRECT`: redirected by a `bpf_redirect*` helper.
     Redirect,
     Other(i32),
+}
+
+// === impl EndpointInfo ===
+
+impl EndpointInfo {
+    /// `flags` bit: ingress is default-deny (only what policy allows enters).
+    pub const INGRESS_ENFORCED: u32 = abi::ENDPOINT_F_INGRESS_ENFORCED;
+    /// `flags` bit: egress is default-deny (only what policy allows leaves).
+    pub const EGRESS_ENFORCED: u32 = abi::ENDPOINT_F_EGRESS_ENFORCED;
+
+    /// The enforcement bits for the two directions.
+    pub fn enforcement_flags(ingress: bool, egress: bool) -> u32 {
+        let mut flags = 0;
+        if ingress {
+            flags |= Self::INGRESS_ENFORCED;
+        }
+        if egress {
+            flags |= Self::EGRESS_ENFORCED;
+        }
+        flags
+    }
+}
+
+// === impl Direction ===
+
+impl Direction {
+    pub(crate) fn to_code(self) -> u8 {
+        match self {
+            Self::Ingress => abi::POLICY_INGRESS,
+            Self::Egress => abi::POLICY_EGRESS,
+        }
+    }
+
+    pub(crate) fn from_code(code: u8) -> Option<Self> {
+        match code {
+            abi::POLICY_INGRESS => Some(Self::Ingress),
+            abi::POLICY_EGRESS => Some(Self::Egress),
+            _ => None,
+        }
+    }
 }
 
 // === impl MacAddr ===
@@ -292,6 +360,8 @@ impl DropReason {
             abi::DROP_CT_FULL => Self::CtFull,
             abi::DROP_TTL_EXCEEDED => Self::TtlExceeded,
             abi::DROP_REWRITE_FAILED => Self::RewriteFailed,
+            abi::DROP_POLICY_DENY => Self::PolicyDeny,
+            abi::DROP_POLICY_DEFAULT_DENY => Self::PolicyDefaultDeny,
             other => Self::Other(other),
         }
     }
@@ -319,6 +389,7 @@ impl Metrics {
             ct_new: at(abi::METRIC_CT_NEW),
             ct_established: at(abi::METRIC_CT_ESTABLISHED),
             ct_reply: at(abi::METRIC_CT_REPLY),
+            to_container: at(abi::METRIC_TO_LXC),
             drops,
         }
     }
@@ -334,6 +405,7 @@ impl From<TraceEventRaw> for DatapathEvent {
         let source = match r.source {
             abi::OBS_LXC => ObservationPoint::Lxc,
             abi::OBS_HOST => ObservationPoint::Host,
+            abi::OBS_TO_LXC => ObservationPoint::ToContainer,
             other => ObservationPoint::Other(other),
         };
         let flow = (r.tuple != CtKeyRaw::default()).then(|| Flow::from(r.tuple));
@@ -344,6 +416,11 @@ impl From<TraceEventRaw> for DatapathEvent {
             pkt_len: r.pkt_len,
             ts_ns: r.ts_ns,
             flow,
+            src_identity: r.src_identity,
+            dst_identity: r.dst_identity,
+            endpoint_id: r.endpoint_id,
+            direction: Direction::from_code(r.direction),
+            rule_id: r.rule_id,
         }
     }
 }

@@ -150,7 +150,13 @@ impl pb::identity_server::Identity for IdentityService {
         req: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListResponse>, Status> {
         let pb::ListRequest {} = req.into_inner();
-        let identities = self.store.list().await?.into_iter().map(Into::into).collect();
+        let identities = self
+            .store
+            .list()
+            .await?
+            .into_iter()
+            .map(Into::into)
+            .collect();
         Ok(Response::new(pb::ListResponse { identities }))
     }
 

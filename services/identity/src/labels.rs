@@ -84,7 +84,9 @@ impl Label {
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         {
-            return Err(invalid("the source must be lowercase letters, digits and `-`"));
+            return Err(invalid(
+                "the source must be lowercase letters, digits and `-`",
+            ));
         }
         if source == SOURCE_RESERVED || source == SOURCE_CIDR {
             return Err(invalid(&format!(
@@ -161,7 +163,10 @@ impl LabelSet {
         if len > MAX_CANONICAL_LEN {
             return Err(IdentityError::InvalidLabel {
                 field: "labels".into(),
-                label: format!("{}...", set.canonical().chars().take(64).collect::<String>()),
+                label: format!(
+                    "{}...",
+                    set.canonical().chars().take(64).collect::<String>()
+                ),
                 reason: format!("the label set is {len} bytes long; at most {MAX_CANONICAL_LEN}"),
             });
         }
@@ -321,7 +326,10 @@ mod tests {
         )
         .expect("valid");
         let b = pod("default", &[("app", "web"), ("pod-template-hash", "77aa1")]).expect("valid");
-        assert_eq!(a.canonical(), "k8s:app=web;k8s:io.kubernetes.pod.namespace=default");
+        assert_eq!(
+            a.canonical(),
+            "k8s:app=web;k8s:io.kubernetes.pod.namespace=default"
+        );
         assert_eq!(a, b);
     }
 
@@ -334,7 +342,10 @@ mod tests {
         assert!(f.excludes(&l("example.com/build")));
         assert!(f.excludes(&l("container:example.com/build")));
         assert!(!f.excludes(&l("pod-template-hash")), "defaults replaced");
-        assert!(!f.excludes(&l(NAMESPACE_KEY)), "the namespace always counts");
+        assert!(
+            !f.excludes(&l(NAMESPACE_KEY)),
+            "the namespace always counts"
+        );
         assert!(LabelFilter::new(&["*"]).is_err());
         let err = LabelFilter::new(&["a*b"]).expect_err("inner star");
         assert_eq!(
@@ -346,7 +357,10 @@ mod tests {
     #[test]
     fn keys_may_carry_a_source_but_not_a_reserved_one() {
         let set = pod("ns", &[("container:app", "x")]).expect("valid");
-        assert_eq!(set.canonical(), "container:app=x;k8s:io.kubernetes.pod.namespace=ns");
+        assert_eq!(
+            set.canonical(),
+            "container:app=x;k8s:io.kubernetes.pod.namespace=ns"
+        );
         let err = pod("ns", &[("reserved:host", "")]).expect_err("reserved");
         assert_eq!(
             err.to_string(),
@@ -358,10 +372,17 @@ mod tests {
 
     #[test]
     fn separators_and_blanks_are_refused_so_the_canonical_form_stays_unambiguous() {
-        for (k, v) in [("a;b", "x"), ("a=b", "x"), ("", "x"), ("app", "x;y"), ("app", "a b")] {
+        for (k, v) in [
+            ("a;b", "x"),
+            ("a=b", "x"),
+            ("", "x"),
+            ("app", "x;y"),
+            ("app", "a b"),
+        ] {
             let err = pod("ns", &[(k, v)]).expect_err("invalid");
             assert!(
-                err.to_string().starts_with(&format!("labels: invalid label `{k}={v}`")),
+                err.to_string()
+                    .starts_with(&format!("labels: invalid label `{k}={v}`")),
                 "{err}"
             );
         }
@@ -371,14 +392,20 @@ mod tests {
         );
         // An empty value is a value; it renders without `=`.
         let set = pod("ns", &[("flag", "")]).expect("valid");
-        assert_eq!(set.canonical(), "k8s:flag;k8s:io.kubernetes.pod.namespace=ns");
+        assert_eq!(
+            set.canonical(),
+            "k8s:flag;k8s:io.kubernetes.pod.namespace=ns"
+        );
     }
 
     #[test]
     fn a_namespace_label_must_agree_with_the_namespace() {
         assert!(pod("a", &[(NAMESPACE_KEY, "a")]).is_ok());
         let err = pod("a", &[(NAMESPACE_KEY, "b")]).expect_err("conflict");
-        assert!(err.to_string().contains("contradicts namespace `a`"), "{err}");
+        assert!(
+            err.to_string().contains("contradicts namespace `a`"),
+            "{err}"
+        );
     }
 
     #[test]

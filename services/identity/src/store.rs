@@ -248,7 +248,14 @@ pub struct IdentityStore {
     /// Last lease id seen per node: saves a read per call. A stale entry
     /// only makes a transaction fail and read the current one.
     leases: Arc<Mutex<HashMap<String, i64>>>,
+    /// Last identity seen per canonical label set, with the create revision
+    /// of its label key: lets an allocation of a known label set go straight
+    /// to the reference transaction, whose guard catches a stale entry.
+    known: Arc<Mutex<HashMap<String, (u32, i64)>>>,
 }
+
+/// Entries of the known-identities cache before it starts over.
+const KNOWN_CACHE_MAX: usize = 100_000;
 
 // === impl IdentityStore ===
 
@@ -270,15 +277,15 @@ impl IdentityStore {
                     TxnOp::put(ikey.as_str(), to_json(&record), None),
                     TxnOp::put(lkey.as_str(), to_json(&r.id()), None),
                 ]);
-            client
-                .txn(txn)
-                .await
-                .map_err(|e| IdentityError::from(e).while_doing(|| "writing reserved identities".into()))?;
+            client.txn(txn).await.map_err(|e| {
+                IdentityError::from(e).while_doing(|| "writing reserved identities".into())
+            })?;
         }
         Ok(Self {
             store,
             config: Arc::new(config),
             leases: Arc::default(),
+            known: Arc::default(),
         })
     }
 
@@ -309,6 +316,27 @@ impl IdentityStore {
         match lease {
             Some(l) => cache.insert(node.to_string(), l),
             None => cache.remove(node),
+        };
+    }
+
+    fn cached_identity(&self, canonical: &str) -> Option<(u32, i64)> {
+        self.known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(canonical)
+            .copied()
+    }
+
+    fn remember_identity(&self, canonical: &str, known: Option<(u32, i64)>) {
+        let mut cache = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        match known {
+            Some(k) => {
+                if cache.len() >= KNOWN_CACHE_MAX {
+                    cache.clear();
+                }
+                cache.insert(canonical.to_string(), k)
+            }
+            None => cache.remove(canonical),
         };
     }
 
@@ -369,9 +397,11 @@ impl IdentityStore {
                             });
                         }
                         // The lease expired under the key: replace it.
-                        Err(etcd_client::Error::LeaseKeepAliveError(_)) => {
-                            Compare::mod_revision(lkey.as_str(), CompareOp::Equal, kv.mod_revision())
-                        }
+                        Err(etcd_client::Error::LeaseKeepAliveError(_)) => Compare::mod_revision(
+                            lkey.as_str(),
+                            CompareOp::Equal,
+                            kv.mod_revision(),
+                        ),
                         Err(e) => return Err(e.into()),
                     }
                 }
@@ -403,14 +433,22 @@ impl IdentityStore {
 
     /// The identity of `labels`, allocated on first use, with a reference
     /// from `node` recorded. See the module doc for the transactions.
-    pub async fn allocate(&self, labels: &LabelSet, node: &str) -> Result<Allocation, IdentityError> {
+    pub async fn allocate(
+        &self,
+        labels: &LabelSet,
+        node: &str,
+    ) -> Result<Allocation, IdentityError> {
         check_node("node", node)?;
         self.allocate_inner(labels, node)
             .await
             .map_err(|e| e.while_doing(|| format!("allocating label set `{labels}`")))
     }
 
-    async fn allocate_inner(&self, labels: &LabelSet, node: &str) -> Result<Allocation, IdentityError> {
+    async fn allocate_inner(
+        &self,
+        labels: &LabelSet,
+        node: &str,
+    ) -> Result<Allocation, IdentityError> {
         let canonical = labels.canonical();
         let lkey = self.store.key(&label_key(labels));
         let leasekey = self.store.key(&lease_key(node));
@@ -418,7 +456,7 @@ impl IdentityStore {
         let mut client = self.client();
         let mut lease = self.lease_of(node).await?;
         // The label set's identity and the create revision of its label key.
-        let mut known: Option<(u32, i64)> = None;
+        let mut known: Option<(u32, i64)> = self.cached_identity(&canonical);
         let mut collisions = 0usize;
         for _ in 0..MAX_ATTEMPTS {
             let lease_alive = Compare::value(leasekey.as_str(), CompareOp::Equal, to_json(&lease));
@@ -488,6 +526,12 @@ impl IdentityStore {
             let resp = client.txn(txn).await?;
             if resp.succeeded() {
                 let created = known.is_none();
+                let rev = match known {
+                    Some((_, rev)) => rev,
+                    // The label key was created by this transaction.
+                    None => resp.header().map(|h| h.revision()).unwrap_or(0),
+                };
+                self.remember_identity(&canonical, Some((id, rev)));
                 if created {
                     tracing::info!(id, labels = %canonical, node = %node, "identity allocated");
                 } else {
@@ -501,6 +545,7 @@ impl IdentityStore {
                 Some(kv) => Some((decode(kv)?, kv.create_revision())),
                 None => None,
             };
+            self.remember_identity(&canonical, known);
             if known.is_none() && first_kv(&gets, 2).is_some() {
                 collisions += 1;
             }
@@ -532,11 +577,9 @@ impl IdentityStore {
                 TxnOp::put(self.store.key(&unused_key(id)), to_json(&now_ms()), None),
             ])
             .or_else([TxnOp::delete(rkey.as_str(), None)]);
-        let resp = self
-            .client()
-            .txn(txn)
-            .await
-            .map_err(|e| IdentityError::from(e).while_doing(|| format!("releasing identity {id}")))?;
+        let resp = self.client().txn(txn).await.map_err(|e| {
+            IdentityError::from(e).while_doing(|| format!("releasing identity {id}"))
+        })?;
         let deleted = resp.op_responses().into_iter().any(|r| match r {
             TxnOpResponse::Delete(d) => d.deleted() > 0,
             _ => false,
@@ -566,11 +609,10 @@ impl IdentityStore {
             ),
             TxnOp::get(self.store.key(&unused_key(id)), None),
         ]);
-        let resp = self
-            .client()
-            .txn(txn)
-            .await
-            .map_err(|e| IdentityError::from(e).while_doing(|| format!("reading identity {id}")))?;
+        let resp =
+            self.client().txn(txn).await.map_err(|e| {
+                IdentityError::from(e).while_doing(|| format!("reading identity {id}"))
+            })?;
         let gets = gets(&resp);
         let record: IdentityRecord = match first_kv(&gets, 0) {
             Some(kv) => decode(kv)?,
@@ -578,7 +620,13 @@ impl IdentityStore {
         };
         let nodes = gets
             .get(1)
-            .map(|g| g.kvs().iter().filter_map(|kv| self.ref_of(kv)).map(|(_, n)| n).collect())
+            .map(|g| {
+                g.kvs()
+                    .iter()
+                    .filter_map(|kv| self.ref_of(kv))
+                    .map(|(_, n)| n)
+                    .collect()
+            })
             .unwrap_or_default();
         let since = first_kv(&gets, 2).map(decode).transpose()?;
         Ok(detail(record, nodes, since))
@@ -635,14 +683,20 @@ impl IdentityStore {
     /// Records `ip` as an endpoint of `identity` on `node`, bound to the
     /// node's lease. An entry another node recorded is taken over (addresses
     /// move when pods are rescheduled).
-    pub async fn upsert_endpoint(&self, entry: IpcacheRecord) -> Result<IpcacheRecord, IdentityError> {
+    pub async fn upsert_endpoint(
+        &self,
+        entry: IpcacheRecord,
+    ) -> Result<IpcacheRecord, IdentityError> {
         check_node("node", &entry.node)?;
         match numbers::kind(entry.identity) {
             Kind::Reserved(Reserved::Unknown) => {
                 return Err(invalid_identity(entry.identity, "identity 0 means unknown"));
             }
             Kind::Unassigned => {
-                return Err(invalid_identity(entry.identity, "no reserved identity has this number"));
+                return Err(invalid_identity(
+                    entry.identity,
+                    "no reserved identity has this number",
+                ));
             }
             Kind::Cidr => {
                 return Err(invalid_identity(
@@ -739,7 +793,11 @@ impl IdentityStore {
     }
 
     /// Records `node`'s underlay address with the remote-node identity.
-    pub async fn register_node_ip(&self, node: &str, ip: IpAddr) -> Result<IpcacheRecord, IdentityError> {
+    pub async fn register_node_ip(
+        &self,
+        node: &str,
+        ip: IpAddr,
+    ) -> Result<IpcacheRecord, IdentityError> {
         self.upsert_endpoint(IpcacheRecord {
             ip,
             identity: Reserved::RemoteNode.id(),
@@ -812,38 +870,74 @@ impl IdentityStore {
         let mut report = GcReport::default();
         for action in gc::plan(&snap, now_ms(), grace_ms) {
             let txn = match action {
-                Action::Mark { id, create_revision } => Txn::new()
+                Action::Mark {
+                    id,
+                    create_revision,
+                } => Txn::new()
                     .when([
                         self.no_refs(id),
-                        Compare::create_revision(self.store.key(&unused_key(id)), CompareOp::Equal, 0),
-                        Compare::create_revision(self.store.key(&id_key(id)), CompareOp::Equal, create_revision),
+                        Compare::create_revision(
+                            self.store.key(&unused_key(id)),
+                            CompareOp::Equal,
+                            0,
+                        ),
+                        Compare::create_revision(
+                            self.store.key(&id_key(id)),
+                            CompareOp::Equal,
+                            create_revision,
+                        ),
                     ])
-                    .and_then([TxnOp::put(self.store.key(&unused_key(id)), to_json(&now_ms()), None)]),
+                    .and_then([TxnOp::put(
+                        self.store.key(&unused_key(id)),
+                        to_json(&now_ms()),
+                        None,
+                    )]),
                 Action::Collect {
                     id,
                     create_revision,
                     marker_revision,
                 } => {
-                    let Some(c) = canonical.get(&id) else { continue };
+                    let Some(c) = canonical.get(&id) else {
+                        continue;
+                    };
                     Txn::new()
                         .when([
                             self.no_refs(id),
-                            Compare::mod_revision(self.store.key(&unused_key(id)), CompareOp::Equal, marker_revision),
-                            Compare::create_revision(self.store.key(&id_key(id)), CompareOp::Equal, create_revision),
+                            Compare::mod_revision(
+                                self.store.key(&unused_key(id)),
+                                CompareOp::Equal,
+                                marker_revision,
+                            ),
+                            Compare::create_revision(
+                                self.store.key(&id_key(id)),
+                                CompareOp::Equal,
+                                create_revision,
+                            ),
                         ])
                         .and_then([
                             TxnOp::delete(self.store.key(&id_key(id)), None),
                             TxnOp::delete(
-                                self.store.key(&format!("{}{}", keys::LABELS, labels::escape_key(c))),
+                                self.store.key(&format!(
+                                    "{}{}",
+                                    keys::LABELS,
+                                    labels::escape_key(c)
+                                )),
                                 None,
                             ),
                             TxnOp::delete(self.store.key(&unused_key(id)), None),
                         ])
                 }
-                Action::DropMarker { id, marker_revision } => Txn::new()
+                Action::DropMarker {
+                    id,
+                    marker_revision,
+                } => Txn::new()
                     .when([
                         Compare::create_revision(self.store.key(&id_key(id)), CompareOp::Equal, 0),
-                        Compare::mod_revision(self.store.key(&unused_key(id)), CompareOp::Equal, marker_revision),
+                        Compare::mod_revision(
+                            self.store.key(&unused_key(id)),
+                            CompareOp::Equal,
+                            marker_revision,
+                        ),
                     ])
                     .and_then([TxnOp::delete(self.store.key(&unused_key(id)), None)]),
             };
@@ -907,7 +1001,10 @@ fn invalid_identity(id: u32, reason: &str) -> IdentityError {
 fn global_only(field: &str, id: u32) -> Result<(), IdentityError> {
     let reason = match numbers::kind(id) {
         Kind::Global => return Ok(()),
-        Kind::Reserved(r) => format!("reserved (`reserved:{}`), never allocated or released", r.name()),
+        Kind::Reserved(r) => format!(
+            "reserved (`reserved:{}`), never allocated or released",
+            r.name()
+        ),
         Kind::Unassigned => "below the global range and not a reserved identity".into(),
         Kind::Cidr => "a node-local CIDR identity".into(),
     };
@@ -943,7 +1040,11 @@ fn id_key(id: u32) -> String {
     format!("{}{id}", keys::IDS)
 }
 fn label_key(labels: &LabelSet) -> String {
-    format!("{}{}", keys::LABELS, labels::escape_key(&labels.canonical()))
+    format!(
+        "{}{}",
+        keys::LABELS,
+        labels::escape_key(&labels.canonical())
+    )
 }
 fn refs_prefix(id: u32) -> String {
     format!("{}{id}/", keys::REFS)
@@ -967,7 +1068,10 @@ mod tests {
 
     #[test]
     fn a_prefix_range_ends_just_after_the_prefix() {
-        assert_eq!(prefix_end("/m/identity/refs/300/"), b"/m/identity/refs/3000".to_vec());
+        assert_eq!(
+            prefix_end("/m/identity/refs/300/"),
+            b"/m/identity/refs/3000".to_vec()
+        );
         assert_eq!(prefix_end("a\u{7f}"), b"a\x80".to_vec());
     }
 

@@ -215,6 +215,14 @@ pub fn is_pod_address(cidr: Ipv4Net, ip: Ipv4Addr) -> bool {
     (first..=last).contains(&u32::from(ip))
 }
 
+/// A pod address of `cidr` chosen by `r` (a random number), free or not:
+/// the caller's transaction finds out.
+pub fn random_pod_address(cidr: Ipv4Net, r: u32) -> Ipv4Addr {
+    let (first, last) = pod_range(cidr);
+    let size = (last + 1).saturating_sub(first).max(1);
+    Ipv4Addr::from(first + r % size)
+}
+
 /// A free pod address of `cidr`, scanning from `start` (an offset that
 /// callers randomize so concurrent allocators rarely pick the same one).
 pub fn pick_free(cidr: Ipv4Net, used: &BTreeSet<Ipv4Addr>, start: u32) -> Option<Ipv4Addr> {

@@ -12,7 +12,7 @@
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
-use etcd_client::{Compare, CompareOp, GetOptions, GetResponse, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{Compare, CompareOp, GetResponse, Txn, TxnOp, TxnOpResponse};
 use ipnet::Ipv4Net;
 use membrane_runtime::store::{Store, StoreError, to_json};
 use serde::{Deserialize, Serialize};
@@ -43,6 +43,8 @@ pub struct AllocRecord {
 
 const CONFIG: &str = "ipam/config";
 const MAX_ATTEMPTS: usize = 64;
+/// Random candidates tried before listing the node's used addresses.
+const RANDOM_PROBES: usize = 3;
 
 fn node_key(node: &str) -> String {
     format!("ipam/nodes/{node}")
@@ -82,6 +84,10 @@ impl From<etcd_client::Error> for IpamError {
 pub struct IpamStore {
     store: Store,
     config: PoolConfig,
+    /// Node records with their create revision: a node's CIDR never changes
+    /// while it exists, and every write checks the revision, so a stale
+    /// entry only costs a retry.
+    nodes: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, (NodeRecord, i64)>>>,
 }
 
 impl IpamStore {
@@ -103,7 +109,7 @@ impl IpamStore {
                 flags: config.to_string(),
             });
         }
-        Ok(Self { store, config })
+        Ok(Self { store, config, nodes: Default::default() })
     }
 
     /// The pool configuration.
@@ -262,37 +268,62 @@ impl IpamStore {
             del_prefix(format!("ipam/owners/{node}/")),
         ]);
         self.store.client().txn(txn).await?;
+        self.forget_node(node);
         tracing::info!(node = %node, "node removed");
         Ok(())
     }
 
     /// Allocates an address on `node` for `owner`; the same owner gets the
-    /// same address back. Two round trips when uncontended: one read
-    /// transaction (owner, node, used addresses), one conditional write.
-    pub async fn allocate(
-        &self,
-        node: &str,
-        owner: &str,
-    ) -> Result<(AllocRecord, Ipv4Net), IpamError> {
+    /// same address back.
+    ///
+    /// One round trip when uncontended: a random candidate is written in a
+    /// transaction that requires the address and the owner to be free and
+    /// the node to be the one cached; when it fails, the same round trip
+    /// returns the owner's and the node's keys, telling which case it was.
+    /// After a few collisions (a filling pool) the candidate is picked from a
+    /// listing of the node's used addresses, which also detects exhaustion.
+    pub async fn allocate(&self, node: &str, owner: &str) -> Result<(AllocRecord, Ipv4Net), IpamError> {
         if owner.is_empty() {
-            return Err(IpamError::Empty {
-                field: "owner".into(),
-            });
+            return Err(IpamError::Empty { field: "owner".into() });
         }
         let okey = self.store.key(&owner_key(node, owner));
         let nkey = self.store.key(&node_key(node));
-        let aprefix = self.store.key(&allocs_prefix(node));
         let mut client = self.store.client();
-        for _ in 0..MAX_ATTEMPTS {
-            let read = Txn::new().and_then([
-                TxnOp::get(okey.as_str(), None),
-                TxnOp::get(nkey.as_str(), None),
-                TxnOp::get(
-                    aprefix.as_str(),
-                    Some(GetOptions::new().with_prefix().with_keys_only()),
-                ),
-            ]);
-            let resp = client.txn(read).await?;
+        let mut cached = self.cached_node(node);
+        for attempt in 0..MAX_ATTEMPTS {
+            let (rec, node_rev) = match cached.take() {
+                Some(c) => c,
+                None => self.load_node(node).await?,
+            };
+            let ip = if attempt < RANDOM_PROBES {
+                pool::random_pod_address(rec.pod_cidr, rand::random::<u32>())
+            } else {
+                let used: BTreeSet<Ipv4Addr> = self
+                    .store
+                    .list_keys(&allocs_prefix(node))
+                    .await?
+                    .iter()
+                    .filter_map(|k| k.rsplit('/').next()?.parse().ok())
+                    .collect();
+                pool::pick_free(rec.pod_cidr, &used, rand::random::<u32>())
+                    .ok_or_else(|| IpamError::Exhausted { node: node.into(), cidr: rec.pod_cidr })?
+            };
+            let alloc = AllocRecord { node: node.into(), ip, owner: owner.into() };
+            let akey = self.store.key(&alloc_key(node, ip));
+            let txn = Txn::new()
+                .when([
+                    Compare::create_revision(akey.as_str(), CompareOp::Equal, 0),
+                    Compare::create_revision(okey.as_str(), CompareOp::Equal, 0),
+                    // The node we know is still the node (not removed and re-added).
+                    Compare::create_revision(nkey.as_str(), CompareOp::Equal, node_rev),
+                ])
+                .and_then([TxnOp::put(akey.as_str(), to_json(&alloc), None), TxnOp::put(okey.as_str(), to_json(&ip), None)])
+                .or_else([TxnOp::get(okey.as_str(), None), TxnOp::get(nkey.as_str(), None)]);
+            let resp = client.txn(txn).await?;
+            if resp.succeeded() {
+                tracing::debug!(node = %node, ip = %ip, owner = %owner, "address allocated");
+                return Ok((alloc, rec.pod_cidr));
+            }
             let gets: Vec<GetResponse> = resp
                 .op_responses()
                 .into_iter()
@@ -301,72 +332,46 @@ impl IpamStore {
                     _ => None,
                 })
                 .collect();
-            let [owner_get, node_get, allocs_get] = gets.as_slice() else {
-                return Err(IpamError::Store(
-                    "read transaction returned an unexpected shape".into(),
-                ));
+            let [owner_get, node_get] = gets.as_slice() else {
+                return Err(IpamError::Store("transaction returned an unexpected shape".into()));
             };
             let Some(node_kv) = node_get.kvs().first() else {
+                self.forget_node(node);
                 return Err(IpamError::UnknownNode(node.to_string()));
             };
-            let rec: NodeRecord = decode(&nkey, node_kv.value())?;
+            let current: NodeRecord = decode(&nkey, node_kv.value())?;
             if let Some(kv) = owner_get.kvs().first() {
                 let ip: Ipv4Addr = decode(&okey, kv.value())?;
-                return Ok((
-                    AllocRecord {
-                        node: node.into(),
-                        ip,
-                        owner: owner.into(),
-                    },
-                    rec.pod_cidr,
-                ));
+                return Ok((AllocRecord { node: node.into(), ip, owner: owner.into() }, current.pod_cidr));
             }
-            let used: BTreeSet<Ipv4Addr> = allocs_get
-                .kvs()
-                .iter()
-                .filter_map(|kv| {
-                    String::from_utf8_lossy(kv.key())
-                        .rsplit('/')
-                        .next()?
-                        .parse()
-                        .ok()
-                })
-                .collect();
-            let start = rand::random::<u32>();
-            let ip = pool::pick_free(rec.pod_cidr, &used, start).ok_or_else(|| {
-                IpamError::Exhausted {
-                    node: node.into(),
-                    cidr: rec.pod_cidr,
-                }
-            })?;
-            let alloc = AllocRecord {
-                node: node.into(),
-                ip,
-                owner: owner.into(),
-            };
-            let akey = self.store.key(&alloc_key(node, ip));
-            let txn = Txn::new()
-                .when([
-                    Compare::create_revision(akey.as_str(), CompareOp::Equal, 0),
-                    Compare::create_revision(okey.as_str(), CompareOp::Equal, 0),
-                    // The node we read is still the node (not removed and re-added).
-                    Compare::create_revision(
-                        nkey.as_str(),
-                        CompareOp::Equal,
-                        node_kv.create_revision(),
-                    ),
-                ])
-                .and_then([
-                    TxnOp::put(akey.as_str(), to_json(&alloc), None),
-                    TxnOp::put(okey.as_str(), to_json(&ip), None),
-                ]);
-            if client.txn(txn).await?.succeeded() {
-                tracing::debug!(node = %node, ip = %ip, owner = %owner, "address allocated");
-                return Ok((alloc, rec.pod_cidr));
-            }
-            // Lost a race (address or owner taken, node changed): read again.
+            // The address was taken, or the node changed: try again with what we now know.
+            cached = Some((current, node_kv.create_revision()));
+            self.remember_node(node, cached.clone());
         }
         Err(IpamError::Contention(MAX_ATTEMPTS))
+    }
+
+    fn cached_node(&self, node: &str) -> Option<(NodeRecord, i64)> {
+        self.nodes.lock().unwrap_or_else(|p| p.into_inner()).get(node).cloned()
+    }
+
+    fn remember_node(&self, node: &str, entry: Option<(NodeRecord, i64)>) {
+        if let Some(e) = entry {
+            self.nodes.lock().unwrap_or_else(|p| p.into_inner()).insert(node.to_string(), e);
+        }
+    }
+
+    fn forget_node(&self, node: &str) {
+        self.nodes.lock().unwrap_or_else(|p| p.into_inner()).remove(node);
+    }
+
+    async fn load_node(&self, node: &str) -> Result<(NodeRecord, i64), IpamError> {
+        let key = self.store.key(&node_key(node));
+        let resp = self.store.client().get(key.as_str(), None).await?;
+        let kv = resp.kvs().first().ok_or_else(|| IpamError::UnknownNode(node.to_string()))?;
+        let entry = (decode::<NodeRecord>(&key, kv.value())?, kv.create_revision());
+        self.remember_node(node, Some(entry.clone()));
+        Ok(entry)
     }
 
     /// Releases `ip` on `node`.

@@ -36,13 +36,17 @@ impl Replica {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("spawn membrane-identity");
-        let url = format!("http://127.0.0.1:{port}");
+        // Killed on drop from here on, also when it never becomes healthy.
+        let replica = Replica {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        };
         for _ in 0..100 {
-            if grpc::check_health(&url, "", None, Duration::from_millis(500))
+            if grpc::check_health(&replica.url, "", None, Duration::from_millis(500))
                 .await
                 .is_ok()
             {
-                return Replica { child, url };
+                return replica;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -141,7 +145,10 @@ impl StateSink for RecordingSink {
 
 impl Recorded {
     /// Subscribes `node` to `replica`'s stream until the returned sender drops.
-    pub fn subscribe(replica: &Replica, node: &str) -> (Recorded, tokio::sync::oneshot::Sender<()>) {
+    pub fn subscribe(
+        replica: &Replica,
+        node: &str,
+    ) -> (Recorded, tokio::sync::oneshot::Sender<()>) {
         let (tx, rx) = watch::channel(BTreeMap::new());
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let sub = Subscriber::new(node, "identity", replica.channel());
