@@ -84,7 +84,11 @@ fn main() -> anyhow::Result<()> {
     println!(
         "BPF_PROG_TEST_RUN, repeat {repeat}, median of {ROUNDS} rounds; setup built in {} mode \
          (the programs run in the kernel either way)",
-        if cfg!(debug_assertions) { "debug" } else { "release" }
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        }
     );
     let mut rows = Vec::new();
     for config in &configs {
@@ -129,7 +133,10 @@ fn measure(config: &Config, repeat: u32) -> anyhow::Result<Row> {
     let to_container = median_run(&dp, Hook::LxcEgress, &from_node, TcVerdict::Ok, repeat)?;
     let dropped = dp.metrics().context("metrics")?.dropped();
     if dropped != 0 {
-        bail!("{}: {dropped} packets dropped; the benchmark measures the allow path", config.name);
+        bail!(
+            "{}: {dropped} packets dropped; the benchmark measures the allow path",
+            config.name
+        );
     }
     Ok(Row {
         name: config.name,
@@ -159,7 +166,10 @@ fn program(dp: &mut Datapath, entries: usize) -> anyhow::Result<()> {
     }
     // Other nodes' pods: a /24 per node plus /32s, so lookups walk a real trie.
     for node in 0..64u8 {
-        dp.upsert_ipcache(format!("10.201.{node}.0/24").parse()?, 5000 + u32::from(node))?;
+        dp.upsert_ipcache(
+            format!("10.201.{node}.0/24").parse()?,
+            5000 + u32::from(node),
+        )?;
         for pod in 1..16u8 {
             let id = 6000 + u32::from(node) * 16 + u32::from(pod);
             dp.upsert_ipcache(format!("10.201.{node}.{pod}/32").parse()?, id)?;
@@ -194,7 +204,11 @@ fn program(dp: &mut Datapath, entries: usize) -> anyhow::Result<()> {
                 // Distinct single ports of many peers: one map entry per rule.
                 let peer = 10_000 + (i / 8) as u32;
                 let port = 1000 + (i % 8) as u16;
-                let direction = if i % 2 == 0 { Direction::Egress } else { Direction::Ingress };
+                let direction = if i % 2 == 0 {
+                    Direction::Egress
+                } else {
+                    Direction::Ingress
+                };
                 allow(endpoint_id, direction, peer, port, i as u32 + 100)
             })
             .collect();
@@ -228,7 +242,9 @@ fn median_run(
     }
     let mut times = Vec::with_capacity(ROUNDS);
     for _ in 0..ROUNDS {
-        let (out, per_run) = dp.test_run_repeat(hook, frame, repeat).context("test run")?;
+        let (out, per_run) = dp
+            .test_run_repeat(hook, frame, repeat)
+            .context("test run")?;
         if out.verdict != want {
             bail!("{hook}: verdict {:?}, expected {want:?}", out.verdict);
         }
@@ -250,7 +266,10 @@ fn tcp_frame(saddr: Ipv4Addr, daddr: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8
     ip[9] = 6;
     ip[12..16].copy_from_slice(&saddr.octets());
     ip[16..20].copy_from_slice(&daddr.octets());
-    let sum: u32 = ip.chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], w[1]]))).sum();
+    let sum: u32 = ip
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
     let csum = !((sum & 0xffff) + (sum >> 16)) as u16;
     ip[10..12].copy_from_slice(&csum.to_be_bytes());
     f.extend_from_slice(&ip);
@@ -270,7 +289,8 @@ impl PinDir {
     fn new() -> anyhow::Result<Self> {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = Path::new(bpf::BPFFS_PATH).join(format!("membrane-bench-{}x{n}", std::process::id()));
+        let dir =
+            Path::new(bpf::BPFFS_PATH).join(format!("membrane-bench-{}x{n}", std::process::id()));
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
         Ok(Self(dir))
     }

@@ -119,21 +119,28 @@ pub fn desired_ipcache(node: &str, state: &BTreeMap<String, Any>) -> Result<BTre
 }
 
 /// Applies the identity service's stream to the eBPF ipcache.
+///
+/// A snapshot (or a retry after a failure) reconciles the whole map against
+/// the kernel's contents; an update touches only the changed prefixes, so
+/// applying N updates costs O(N) map operations, not O(N²).
 #[derive(Debug)]
 pub struct IpcacheSink<M> {
     node: String,
     map: M,
+    /// What this sink programmed, when known to match the kernel map.
+    programmed: Option<BTreeMap<Ipv4Net, u32>>,
 }
 
 impl<M: IpcacheMap> IpcacheSink<M> {
     /// Programs `map` for `node`.
     pub fn new(node: impl Into<String>, map: M) -> Self {
-        Self { node: node.into(), map }
+        Self { node: node.into(), map, programmed: None }
     }
 
     /// Makes the map hold exactly the desired entries; decodes everything first.
     pub fn reconcile(&mut self, state: &BTreeMap<String, Any>) -> Result<(), String> {
         let want = desired_ipcache(&self.node, state)?;
+        self.programmed = None;
         let have = self.map.entries()?;
         let stale: BTreeSet<Ipv4Net> = have.keys().filter(|p| !want.contains_key(p)).copied().collect();
         for (prefix, id) in &want {
@@ -144,14 +151,52 @@ impl<M: IpcacheMap> IpcacheSink<M> {
         for prefix in stale {
             self.map.remove(prefix)?;
         }
+        self.programmed = Some(want);
+        Ok(())
+    }
+
+    /// Applies only `changed` keys; falls back to a full reconcile when the
+    /// sink does not know what the map holds.
+    pub fn apply_changes(&mut self, state: &BTreeMap<String, Any>, changed: &[String]) -> Result<(), String> {
+        let Some(mut programmed) = self.programmed.take() else {
+            return self.reconcile(state);
+        };
+        // Decode everything first, so bad input changes nothing.
+        let mut ops: Vec<(Ipv4Net, Option<u32>)> = Vec::new();
+        for key in changed.iter().filter(|k| k.starts_with("ipcache/")) {
+            let Ok(prefix) = key["ipcache/".len()..].parse::<Ipv4Net>() else { continue };
+            match state.get(key) {
+                Some(value) => {
+                    let one: BTreeMap<String, Any> = [(key.clone(), value.clone())].into_iter().collect();
+                    let id = desired_ipcache(&self.node, &one)?.remove(&prefix);
+                    ops.push((prefix, id));
+                }
+                None => ops.push((prefix, None)),
+            }
+        }
+        for (prefix, id) in ops {
+            match id {
+                Some(id) if programmed.get(&prefix) != Some(&id) => {
+                    self.map.upsert(prefix, id)?;
+                    programmed.insert(prefix, id);
+                }
+                Some(_) => {}
+                None => {
+                    if programmed.remove(&prefix).is_some() {
+                        self.map.remove(prefix)?;
+                    }
+                }
+            }
+        }
+        self.programmed = Some(programmed);
         Ok(())
     }
 }
 
 impl<M: IpcacheMap> StateSink for IpcacheSink<M> {
-    async fn apply(&mut self, version: u64, state: &BTreeMap<String, Any>, _changed: &[String]) -> Result<(), String> {
-        self.reconcile(state)?;
-        tracing::debug!(version, "ipcache reconciled");
+    async fn apply(&mut self, version: u64, state: &BTreeMap<String, Any>, changed: &[String]) -> Result<(), String> {
+        self.apply_changes(state, changed)?;
+        tracing::debug!(version, changed = changed.len(), "ipcache applied");
         Ok(())
     }
 }
@@ -194,7 +239,7 @@ mod tests {
         let mut sink = IpcacheSink::new("node-1", FakeMap::default());
         sink.reconcile(&state).expect("reconcile");
         let got: Vec<(String, u32)> = sink.map.0.iter().map(|(p, i)| (p.to_string(), *i)).collect();
-        assert_eq!(got, [("10.200.0.5/32".into(), 300), ("10.99.0.11/32".into(), HOST), ("10.99.0.12/32".into(), REMOTE_NODE)]);
+        assert_eq!(got, [("10.99.0.11/32".into(), HOST), ("10.99.0.12/32".into(), REMOTE_NODE), ("10.200.0.5/32".into(), 300)]);
     }
 
     #[test]
@@ -207,6 +252,23 @@ mod tests {
         assert_eq!(sink.map.0.len(), 1);
         state.insert("ipcache/garbage".into(), Any { type_url: "x".into(), value: vec![0xff, 0xff] });
         assert!(sink.reconcile(&state).is_err());
+        assert_eq!(sink.map.0.len(), 1);
+    }
+
+    #[test]
+    fn updates_touch_only_changed_prefixes_and_match_a_full_reconcile() {
+        let mut sink = IpcacheSink::new("node-1", FakeMap::default());
+        let mut state: BTreeMap<_, _> = [entry("10.200.0.5/32", 300, "node-2")].into_iter().collect();
+        sink.apply_changes(&state, &["ipcache/10.200.0.5/32".into()]).expect("first apply reconciles");
+        let (k, v) = entry("10.200.0.6/32", 301, "node-2");
+        state.insert(k.clone(), v);
+        state.remove("ipcache/10.200.0.5/32");
+        sink.apply_changes(&state, &[k, "ipcache/10.200.0.5/32".into()]).expect("update");
+        let got: Vec<_> = sink.map.0.iter().map(|(p, i)| (p.to_string(), *i)).collect();
+        assert_eq!(got, [("10.200.0.6/32".to_string(), 301)]);
+        // A bad changed value fails without touching the map.
+        state.insert("ipcache/10.200.0.7/32".into(), Any { type_url: "x".into(), value: vec![0xff] });
+        assert!(sink.apply_changes(&state, &["ipcache/10.200.0.7/32".into()]).is_err());
         assert_eq!(sink.map.0.len(), 1);
     }
 }

@@ -13,8 +13,9 @@ use std::{
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     process::Stdio,
     sync::{
-        Arc, mpsc,
+        Arc,
         atomic::{AtomicBool, Ordering},
+        mpsc,
     },
     thread,
     time::{Duration, Instant},
@@ -428,7 +429,8 @@ fn tcp_greeter(ns: &str, ip: Ipv4Addr) -> (SocketAddr, Arc<AtomicBool>, thread::
             enter_netns(&path);
             let listener = TcpListener::bind((ip, 0)).expect("bind");
             listener.set_nonblocking(true).expect("nonblocking");
-            tx.send(listener.local_addr().expect("addr")).expect("send addr");
+            tx.send(listener.local_addr().expect("addr"))
+                .expect("send addr");
             while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((mut conn, _)) => {
@@ -455,7 +457,8 @@ fn tcp_reaches(ns: Option<&str>, addr: SocketAddr) -> bool {
             let Ok(mut conn) = TcpStream::connect_timeout(&addr, Duration::from_millis(700)) else {
                 return false;
             };
-            conn.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+            conn.set_read_timeout(Some(Duration::from_secs(2)))
+                .expect("timeout");
             let mut byte = [0u8; 1];
             conn.read_exact(&mut byte).is_ok() && byte == *b"!"
         })
@@ -476,13 +479,30 @@ fn policy_map_entries_alone_decide_which_pods_and_the_node_may_connect() {
     let topo = Topology::new();
     // The node reaches pods through its stack: an address, a route and a
     // neighbour per pod. What it sends leaves through lxc egress (to_container).
-    run_ns(&topo.node.name, &["ip", "addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"]);
+    run_ns(
+        &topo.node.name,
+        &["ip", "addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"],
+    );
     for p in &topo.pods {
         let (ip, mac) = (p.ip.to_string(), p.mac.to_string());
-        run_ns(&topo.node.name, &["ip", "route", "add", &ip, "dev", &p.lxc, "src", NODE_IP]);
         run_ns(
             &topo.node.name,
-            &["ip", "neigh", "add", &ip, "lladdr", &mac, "dev", &p.lxc, "nud", "permanent"],
+            &["ip", "route", "add", &ip, "dev", &p.lxc, "src", NODE_IP],
+        );
+        run_ns(
+            &topo.node.name,
+            &[
+                "ip",
+                "neigh",
+                "add",
+                &ip,
+                "lladdr",
+                &mac,
+                "dev",
+                &p.lxc,
+                "nud",
+                "permanent",
+            ],
         );
     }
     let (a, b) = (&topo.pods[0], &topo.pods[1]);
@@ -490,14 +510,21 @@ fn policy_map_entries_alone_decide_which_pods_and_the_node_may_connect() {
     topo.node.run_in(|| {
         let (mut dp, _) = topo.load(&pins);
         for p in &topo.pods {
-            assert_eq!(dp.attach_lxc_egress(p.lxc_ifindex).expect("attach to_container"), AttachMode::Fresh);
+            assert_eq!(
+                dp.attach_lxc_egress(p.lxc_ifindex)
+                    .expect("attach to_container"),
+                AttachMode::Fresh
+            );
         }
         for ((ip, mut info), id) in topo.endpoints().zip([ID_A, ID_B]) {
             info.identity = id;
             dp.upsert_endpoint(ip, &info).expect("upsert with identity");
         }
-        dp.upsert_ipcache(format!("{NODE_IP}/32").parse().expect("net"), identity::HOST)
-            .expect("ipcache");
+        dp.upsert_ipcache(
+            format!("{NODE_IP}/32").parse().expect("net"),
+            identity::HOST,
+        )
+        .expect("ipcache");
         let (addr, stop, server) = tcp_greeter(&b.ns.name, b.ip);
         let allow = |peer, rule_id| PolicyEntry {
             endpoint_id: 2,
@@ -509,45 +536,85 @@ fn policy_map_entries_alone_decide_which_pods_and_the_node_may_connect() {
             rule_id,
         };
 
-        assert!(tcp_reaches(Some(&a.ns.name), addr), "no enforcement: pod A reaches B");
-        assert!(tcp_reaches(None, addr), "no enforcement: the node reaches B");
+        assert!(
+            tcp_reaches(Some(&a.ns.name), addr),
+            "no enforcement: pod A reaches B"
+        );
+        assert!(
+            tcp_reaches(None, addr),
+            "no enforcement: the node reaches B"
+        );
 
-        dp.set_endpoint_enforcement(b.ip, true, false).expect("enforce");
-        assert!(!tcp_reaches(Some(&a.ns.name), addr), "B ingress enforced, no rule: A is dropped");
-        assert!(!tcp_reaches(None, addr), "B ingress enforced, no rule: the node is dropped");
+        dp.set_endpoint_enforcement(b.ip, true, false)
+            .expect("enforce");
+        assert!(
+            !tcp_reaches(Some(&a.ns.name), addr),
+            "B ingress enforced, no rule: A is dropped"
+        );
+        assert!(
+            !tcp_reaches(None, addr),
+            "B ingress enforced, no rule: the node is dropped"
+        );
         let drops = dp.endpoint_drops().expect("drops");
         assert!(
-            drops.get(&(2, DropReason::PolicyDefaultDeny, Direction::Ingress)).copied() >= Some(2),
+            drops
+                .get(&(2, DropReason::PolicyDefaultDeny, Direction::Ingress))
+                .copied()
+                >= Some(2),
             "{drops:?}"
         );
 
-        dp.replace_endpoint_policy(2, &[allow(ID_A, 1)]).expect("allow A");
-        assert!(tcp_reaches(Some(&a.ns.name), addr), "allowed from A's identity");
+        dp.replace_endpoint_policy(2, &[allow(ID_A, 1)])
+            .expect("allow A");
+        assert!(
+            tcp_reaches(Some(&a.ns.name), addr),
+            "allowed from A's identity"
+        );
         assert!(!tcp_reaches(None, addr), "still nothing for identity host");
 
-        dp.replace_endpoint_policy(2, &[allow(ID_A, 1), allow(identity::HOST, 2)]).expect("allow host");
-        assert!(tcp_reaches(None, addr), "allowed from identity host, through to_container");
+        dp.replace_endpoint_policy(2, &[allow(ID_A, 1), allow(identity::HOST, 2)])
+            .expect("allow host");
+        assert!(
+            tcp_reaches(None, addr),
+            "allowed from identity host, through to_container"
+        );
 
         dp.replace_endpoint_policy(
             2,
             &[
                 allow(ID_A, 1),
                 allow(identity::HOST, 2),
-                PolicyEntry { peer_identity: None, verdict: Verdict::Deny, ..allow(0, 3) },
+                PolicyEntry {
+                    peer_identity: None,
+                    verdict: Verdict::Deny,
+                    ..allow(0, 3)
+                },
             ],
         )
         .expect("deny all on the port");
-        assert!(!tcp_reaches(Some(&a.ns.name), addr), "a deny for any peer beats the allows");
+        assert!(
+            !tcp_reaches(Some(&a.ns.name), addr),
+            "a deny for any peer beats the allows"
+        );
         assert!(!tcp_reaches(None, addr));
         let drops = dp.endpoint_drops().expect("drops");
-        assert!(drops.get(&(2, DropReason::PolicyDeny, Direction::Ingress)).copied() >= Some(2), "{drops:?}");
+        assert!(
+            drops
+                .get(&(2, DropReason::PolicyDeny, Direction::Ingress))
+                .copied()
+                >= Some(2),
+            "{drops:?}"
+        );
         let m = dp.metrics().expect("metrics");
         assert!(m.to_container.packets > 0, "{m:?}");
 
         stop.store(true, Ordering::Relaxed);
         server.join().expect("server");
         for p in &topo.pods {
-            assert!(dp.detach(Hook::LxcEgress, p.lxc_ifindex).expect("detach egress"));
+            assert!(
+                dp.detach(Hook::LxcEgress, p.lxc_ifindex)
+                    .expect("detach egress")
+            );
             assert!(dp.detach(Hook::Lxc, p.lxc_ifindex).expect("detach"));
         }
     });

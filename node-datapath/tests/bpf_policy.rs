@@ -246,7 +246,10 @@ fn an_l3_allow_lets_an_enforced_egress_reach_that_peer_and_no_other() {
     );
 
     let to_remote = pod_frame(POD_A, REMOTE_POD);
-    assert_eq!(f.run(Hook::Lxc, &to_remote.tcp(40000, 443, TCP_SYN)), TcVerdict::Ok);
+    assert_eq!(
+        f.run(Hook::Lxc, &to_remote.tcp(40000, 443, TCP_SYN)),
+        TcVerdict::Ok
+    );
     assert_eq!(f.run(Hook::Lxc, &udp(&to_remote, 40000, 53)), TcVerdict::Ok);
     assert_eq!(f.run(Hook::Lxc, &to_remote.icmp_echo(7)), TcVerdict::Ok);
     assert!(f.drops().is_empty());
@@ -271,7 +274,15 @@ fn an_l4_allow_matches_only_its_ports_and_protocol() {
     let mut f = setup();
     f.enforce(POD_B, true, false);
     let from_a = |proto, ports, id| {
-        rule(EP_B, Direction::Ingress, Some(ID_A), proto, ports, Verdict::Allow, id)
+        rule(
+            EP_B,
+            Direction::Ingress,
+            Some(ID_A),
+            proto,
+            ports,
+            Verdict::Allow,
+            id,
+        )
     };
     f.policy(
         EP_B,
@@ -284,15 +295,47 @@ fn an_l4_allow_matches_only_its_ports_and_protocol() {
     let a = a_to_b();
 
     let cases: [(&str, Vec<u8>, TcVerdict); 9] = [
-        ("tcp 8000, range start", a.tcp(40000, 8000, TCP_SYN), TcVerdict::Redirect),
-        ("tcp 8050, inside range", a.tcp(40001, 8050, TCP_SYN), TcVerdict::Redirect),
-        ("tcp 8100, range end", a.tcp(40002, 8100, TCP_SYN), TcVerdict::Redirect),
-        ("tcp 8101, past range", a.tcp(40003, 8101, TCP_SYN), TcVerdict::Shot),
+        (
+            "tcp 8000, range start",
+            a.tcp(40000, 8000, TCP_SYN),
+            TcVerdict::Redirect,
+        ),
+        (
+            "tcp 8050, inside range",
+            a.tcp(40001, 8050, TCP_SYN),
+            TcVerdict::Redirect,
+        ),
+        (
+            "tcp 8100, range end",
+            a.tcp(40002, 8100, TCP_SYN),
+            TcVerdict::Redirect,
+        ),
+        (
+            "tcp 8101, past range",
+            a.tcp(40003, 8101, TCP_SYN),
+            TcVerdict::Shot,
+        ),
         ("udp 53", udp(&a, 40004, 53), TcVerdict::Redirect),
-        ("tcp 53, wrong protocol", a.tcp(40005, 53, TCP_SYN), TcVerdict::Shot),
-        ("udp 9000, any protocol", udp(&a, 40006, 9000), TcVerdict::Redirect),
-        ("tcp 9000, any protocol", a.tcp(40007, 9000, TCP_SYN), TcVerdict::Redirect),
-        ("icmp, no port rule covers it", a.icmp_echo(9), TcVerdict::Shot),
+        (
+            "tcp 53, wrong protocol",
+            a.tcp(40005, 53, TCP_SYN),
+            TcVerdict::Shot,
+        ),
+        (
+            "udp 9000, any protocol",
+            udp(&a, 40006, 9000),
+            TcVerdict::Redirect,
+        ),
+        (
+            "tcp 9000, any protocol",
+            a.tcp(40007, 9000, TCP_SYN),
+            TcVerdict::Redirect,
+        ),
+        (
+            "icmp, no port rule covers it",
+            a.icmp_echo(9),
+            TcVerdict::Shot,
+        ),
     ];
     for (what, frame, want) in &cases {
         assert_eq!(f.run(Hook::Lxc, frame), *want, "{what}");
@@ -320,12 +363,31 @@ fn an_l3_deny_beats_an_l3_l4_allow_of_the_same_peer() {
     f.policy(
         EP_B,
         &[
-            rule(EP_B, Direction::Ingress, Some(ID_A), Some(TCP), PortMatch::Range(80, 80), Verdict::Allow, 1),
-            rule(EP_B, Direction::Ingress, Some(ID_A), None, PortMatch::Any, Verdict::Deny, 2),
+            rule(
+                EP_B,
+                Direction::Ingress,
+                Some(ID_A),
+                Some(TCP),
+                PortMatch::Range(80, 80),
+                Verdict::Allow,
+                1,
+            ),
+            rule(
+                EP_B,
+                Direction::Ingress,
+                Some(ID_A),
+                None,
+                PortMatch::Any,
+                Verdict::Deny,
+                2,
+            ),
         ],
     );
 
-    assert_eq!(f.run(Hook::Lxc, &a_to_b().tcp(40000, 80, TCP_SYN)), TcVerdict::Shot);
+    assert_eq!(
+        f.run(Hook::Lxc, &a_to_b().tcp(40000, 80, TCP_SYN)),
+        TcVerdict::Shot
+    );
     assert_policy_drop(
         &f.one_drop(),
         DropReason::PolicyDeny,
@@ -334,7 +396,10 @@ fn an_l3_deny_beats_an_l3_l4_allow_of_the_same_peer() {
         Direction::Ingress,
         (ID_A, ID_B),
     );
-    assert!(f.dp.conntrack().expect("ct").is_empty(), "no state for a denied SYN");
+    assert!(
+        f.dp.conntrack().expect("ct").is_empty(),
+        "no state for a denied SYN"
+    );
 }
 
 #[test]
@@ -347,13 +412,32 @@ fn a_port_deny_beats_an_l3_allow_only_on_that_port() {
     f.policy(
         EP_B,
         &[
-            rule(EP_B, Direction::Ingress, Some(ID_A), None, PortMatch::Any, Verdict::Allow, 1),
-            rule(EP_B, Direction::Ingress, Some(ID_A), Some(TCP), PortMatch::Range(22, 22), Verdict::Deny, 3),
+            rule(
+                EP_B,
+                Direction::Ingress,
+                Some(ID_A),
+                None,
+                PortMatch::Any,
+                Verdict::Allow,
+                1,
+            ),
+            rule(
+                EP_B,
+                Direction::Ingress,
+                Some(ID_A),
+                Some(TCP),
+                PortMatch::Range(22, 22),
+                Verdict::Deny,
+                3,
+            ),
         ],
     );
     let a = a_to_b();
 
-    assert_eq!(f.run(Hook::Lxc, &a.tcp(40000, 22, TCP_SYN)), TcVerdict::Shot);
+    assert_eq!(
+        f.run(Hook::Lxc, &a.tcp(40000, 22, TCP_SYN)),
+        TcVerdict::Shot
+    );
     assert_policy_drop(
         &f.one_drop(),
         DropReason::PolicyDeny,
@@ -362,9 +446,19 @@ fn a_port_deny_beats_an_l3_allow_only_on_that_port() {
         Direction::Ingress,
         (ID_A, ID_B),
     );
-    assert_eq!(f.run(Hook::Lxc, &a.tcp(40001, 80, TCP_SYN)), TcVerdict::Redirect);
-    assert_eq!(f.run(Hook::Lxc, &a.tcp(40002, 23, TCP_SYN)), TcVerdict::Redirect);
-    assert_eq!(f.run(Hook::Lxc, &udp(&a, 40003, 22)), TcVerdict::Redirect, "udp 22 is not tcp 22");
+    assert_eq!(
+        f.run(Hook::Lxc, &a.tcp(40001, 80, TCP_SYN)),
+        TcVerdict::Redirect
+    );
+    assert_eq!(
+        f.run(Hook::Lxc, &a.tcp(40002, 23, TCP_SYN)),
+        TcVerdict::Redirect
+    );
+    assert_eq!(
+        f.run(Hook::Lxc, &udp(&a, 40003, 22)),
+        TcVerdict::Redirect,
+        "udp 22 is not tcp 22"
+    );
     assert!(f.drops().is_empty());
 }
 
@@ -378,16 +472,49 @@ fn wildcard_peer_rules_apply_to_every_identity_and_their_denies_still_win() {
     f.policy(
         EP_B,
         &[
-            rule(EP_B, Direction::Ingress, None, Some(TCP), PortMatch::Range(443, 443), Verdict::Allow, 1),
-            rule(EP_B, Direction::Ingress, Some(ID_A), None, PortMatch::Any, Verdict::Allow, 2),
-            rule(EP_B, Direction::Ingress, None, Some(TCP), PortMatch::Range(23, 23), Verdict::Deny, 3),
+            rule(
+                EP_B,
+                Direction::Ingress,
+                None,
+                Some(TCP),
+                PortMatch::Range(443, 443),
+                Verdict::Allow,
+                1,
+            ),
+            rule(
+                EP_B,
+                Direction::Ingress,
+                Some(ID_A),
+                None,
+                PortMatch::Any,
+                Verdict::Allow,
+                2,
+            ),
+            rule(
+                EP_B,
+                Direction::Ingress,
+                None,
+                Some(TCP),
+                PortMatch::Range(23, 23),
+                Verdict::Deny,
+                3,
+            ),
         ],
     );
     let remote = from_underlay(REMOTE_POD, POD_B);
 
-    assert_eq!(f.run(Hook::Lxc, &a_to_b().tcp(40000, 443, TCP_SYN)), TcVerdict::Redirect);
-    assert_eq!(f.run(Hook::Host, &remote.tcp(50000, 443, TCP_SYN)), TcVerdict::Redirect);
-    assert_eq!(f.run(Hook::Host, &remote.tcp(50001, 444, TCP_SYN)), TcVerdict::Shot);
+    assert_eq!(
+        f.run(Hook::Lxc, &a_to_b().tcp(40000, 443, TCP_SYN)),
+        TcVerdict::Redirect
+    );
+    assert_eq!(
+        f.run(Hook::Host, &remote.tcp(50000, 443, TCP_SYN)),
+        TcVerdict::Redirect
+    );
+    assert_eq!(
+        f.run(Hook::Host, &remote.tcp(50001, 444, TCP_SYN)),
+        TcVerdict::Shot
+    );
     assert_policy_drop(
         &f.one_drop(),
         DropReason::PolicyDefaultDeny,
@@ -397,7 +524,10 @@ fn wildcard_peer_rules_apply_to_every_identity_and_their_denies_still_win() {
         (ID_REMOTE, ID_B),
     );
     // A's identity allows any port, but the any-peer deny on 23 wins.
-    assert_eq!(f.run(Hook::Lxc, &a_to_b().tcp(40001, 23, TCP_SYN)), TcVerdict::Shot);
+    assert_eq!(
+        f.run(Hook::Lxc, &a_to_b().tcp(40001, 23, TCP_SYN)),
+        TcVerdict::Shot
+    );
     assert_policy_drop(
         &f.one_drop(),
         DropReason::PolicyDeny,
@@ -416,14 +546,32 @@ fn default_deny_applies_only_while_a_direction_is_enforced() {
     let mut f = setup();
     let a = a_to_b();
 
-    assert_eq!(f.run(Hook::Lxc, &a.tcp(40000, 80, TCP_SYN)), TcVerdict::Redirect, "no rules, not enforced");
+    assert_eq!(
+        f.run(Hook::Lxc, &a.tcp(40000, 80, TCP_SYN)),
+        TcVerdict::Redirect,
+        "no rules, not enforced"
+    );
     f.enforce(POD_B, true, false);
-    assert_eq!(f.run(Hook::Lxc, &a.tcp(40001, 80, TCP_SYN)), TcVerdict::Shot, "B ingress enforced");
-    assert_eq!(f.one_drop().kind, EventKind::Drop(DropReason::PolicyDefaultDeny));
+    assert_eq!(
+        f.run(Hook::Lxc, &a.tcp(40001, 80, TCP_SYN)),
+        TcVerdict::Shot,
+        "B ingress enforced"
+    );
+    assert_eq!(
+        f.one_drop().kind,
+        EventKind::Drop(DropReason::PolicyDefaultDeny)
+    );
     // B's ingress is not A's egress: B may still send to A.
-    assert_eq!(f.run(Hook::Lxc, &b_to_a().tcp(40002, 80, TCP_SYN)), TcVerdict::Redirect);
+    assert_eq!(
+        f.run(Hook::Lxc, &b_to_a().tcp(40002, 80, TCP_SYN)),
+        TcVerdict::Redirect
+    );
     f.enforce(POD_B, false, false);
-    assert_eq!(f.run(Hook::Lxc, &a.tcp(40003, 80, TCP_SYN)), TcVerdict::Redirect, "lifted");
+    assert_eq!(
+        f.run(Hook::Lxc, &a.tcp(40003, 80, TCP_SYN)),
+        TcVerdict::Redirect,
+        "lifted"
+    );
 
     let info = f.dp.endpoints().expect("endpoints");
     assert_eq!(info[1].1.flags, 0);
@@ -432,7 +580,10 @@ fn default_deny_applies_only_while_a_direction_is_enforced() {
         f.dp.endpoints().expect("endpoints")[1].1.flags,
         EndpointInfo::INGRESS_ENFORCED | EndpointInfo::EGRESS_ENFORCED
     );
-    assert!(f.dp.set_endpoint_enforcement(Ipv4Addr::new(10, 1, 1, 1), true, true).is_err());
+    assert!(
+        f.dp.set_endpoint_enforcement(Ipv4Addr::new(10, 1, 1, 1), true, true)
+            .is_err()
+    );
 }
 
 #[test]
@@ -446,13 +597,35 @@ fn egress_rules_do_not_open_ingress_and_ingress_rules_do_not_open_egress() {
         EP_B,
         &[
             // B may send to A, and may receive from the remote pod.
-            rule(EP_B, Direction::Egress, Some(ID_A), None, PortMatch::Any, Verdict::Allow, 1),
-            rule(EP_B, Direction::Ingress, Some(ID_REMOTE), None, PortMatch::Any, Verdict::Allow, 2),
+            rule(
+                EP_B,
+                Direction::Egress,
+                Some(ID_A),
+                None,
+                PortMatch::Any,
+                Verdict::Allow,
+                1,
+            ),
+            rule(
+                EP_B,
+                Direction::Ingress,
+                Some(ID_REMOTE),
+                None,
+                PortMatch::Any,
+                Verdict::Allow,
+                2,
+            ),
         ],
     );
 
-    assert_eq!(f.run(Hook::Lxc, &b_to_a().tcp(40000, 80, TCP_SYN)), TcVerdict::Redirect);
-    assert_eq!(f.run(Hook::Lxc, &a_to_b().tcp(40001, 80, TCP_SYN)), TcVerdict::Shot);
+    assert_eq!(
+        f.run(Hook::Lxc, &b_to_a().tcp(40000, 80, TCP_SYN)),
+        TcVerdict::Redirect
+    );
+    assert_eq!(
+        f.run(Hook::Lxc, &a_to_b().tcp(40001, 80, TCP_SYN)),
+        TcVerdict::Shot
+    );
     assert_policy_drop(
         &f.one_drop(),
         DropReason::PolicyDefaultDeny,
@@ -462,10 +635,19 @@ fn egress_rules_do_not_open_ingress_and_ingress_rules_do_not_open_egress() {
         (ID_A, ID_B),
     );
     assert_eq!(
-        f.run(Hook::Host, &from_underlay(REMOTE_POD, POD_B).tcp(50000, 80, TCP_SYN)),
+        f.run(
+            Hook::Host,
+            &from_underlay(REMOTE_POD, POD_B).tcp(50000, 80, TCP_SYN)
+        ),
         TcVerdict::Redirect
     );
-    assert_eq!(f.run(Hook::Lxc, &pod_frame(POD_B, REMOTE_POD).tcp(40002, 80, TCP_SYN)), TcVerdict::Shot);
+    assert_eq!(
+        f.run(
+            Hook::Lxc,
+            &pod_frame(POD_B, REMOTE_POD).tcp(40002, 80, TCP_SYN)
+        ),
+        TcVerdict::Shot
+    );
     assert_policy_drop(
         &f.one_drop(),
         DropReason::PolicyDefaultDeny,
@@ -492,8 +674,16 @@ fn the_ipcache_resolves_the_longest_prefix_and_a_miss_is_world() {
         evs[0].dst_identity
     };
 
-    assert_eq!(dst_identity(&mut f, REMOTE_POD, 1), ID_REMOTE, "the /32 inside the /24");
-    assert_eq!(dst_identity(&mut f, REMOTE_OTHER, 2), ID_REMOTE_CIDR, "the /24");
+    assert_eq!(
+        dst_identity(&mut f, REMOTE_POD, 1),
+        ID_REMOTE,
+        "the /32 inside the /24"
+    );
+    assert_eq!(
+        dst_identity(&mut f, REMOTE_OTHER, 2),
+        ID_REMOTE_CIDR,
+        "the /24"
+    );
     assert_eq!(dst_identity(&mut f, world, 3), identity::WORLD, "no prefix");
     assert_eq!(dst_identity(&mut f, NODE_IP, 4), identity::HOST);
 
@@ -506,11 +696,23 @@ fn the_ipcache_resolves_the_longest_prefix_and_a_miss_is_world() {
             ("10.200.2.10/32".parse().expect("net"), ID_REMOTE),
         ]
     );
-    assert!(f.dp.remove_ipcache("10.200.2.10/32".parse().expect("net")).expect("remove"));
-    assert!(!f.dp.remove_ipcache("10.200.2.10/32".parse().expect("net")).expect("remove again"));
-    assert_eq!(dst_identity(&mut f, REMOTE_POD, 5), ID_REMOTE_CIDR, "falls back to the /24");
+    assert!(
+        f.dp.remove_ipcache("10.200.2.10/32".parse().expect("net"))
+            .expect("remove")
+    );
+    assert!(
+        !f.dp
+            .remove_ipcache("10.200.2.10/32".parse().expect("net"))
+            .expect("remove again")
+    );
+    assert_eq!(
+        dst_identity(&mut f, REMOTE_POD, 5),
+        ID_REMOTE_CIDR,
+        "falls back to the /24"
+    );
     // A host-bits-set prefix is stored as its network.
-    f.dp.upsert_ipcache("10.200.2.77/24".parse().expect("net"), 4001).expect("upsert");
+    f.dp.upsert_ipcache("10.200.2.77/24".parse().expect("net"), 4001)
+        .expect("upsert");
     assert_eq!(dst_identity(&mut f, REMOTE_POD, 6), 4001);
 }
 
@@ -520,26 +722,56 @@ fn a_local_pods_identity_comes_from_its_endpoint_entry_before_the_ipcache() {
         return;
     }
     let mut f = setup();
-    f.dp.upsert_ipcache("10.200.1.0/24".parse().expect("net"), 5000).expect("upsert");
-    assert_eq!(f.run(Hook::Lxc, &a_to_b().tcp(40000, 80, TCP_SYN)), TcVerdict::Redirect);
+    f.dp.upsert_ipcache("10.200.1.0/24".parse().expect("net"), 5000)
+        .expect("upsert");
+    assert_eq!(
+        f.run(Hook::Lxc, &a_to_b().tcp(40000, 80, TCP_SYN)),
+        TcVerdict::Redirect
+    );
     let evs = f.new_conn_events();
     assert_eq!((evs[0].src_identity, evs[0].dst_identity), (ID_A, ID_B));
 }
 
 #[test]
 fn replies_of_an_allowed_connection_pass_while_a_new_one_the_other_way_is_denied() {
-    if !privileged("replies_of_an_allowed_connection_pass_while_a_new_one_the_other_way_is_denied") {
+    if !privileged("replies_of_an_allowed_connection_pass_while_a_new_one_the_other_way_is_denied")
+    {
         return;
     }
     let mut f = setup();
     f.enforce(POD_A, true, true);
     f.enforce(POD_B, true, true);
-    f.policy(EP_A, &[rule(EP_A, Direction::Egress, Some(ID_B), Some(TCP), PortMatch::Range(80, 80), Verdict::Allow, 1)]);
-    f.policy(EP_B, &[rule(EP_B, Direction::Ingress, Some(ID_A), Some(TCP), PortMatch::Range(80, 80), Verdict::Allow, 2)]);
+    f.policy(
+        EP_A,
+        &[rule(
+            EP_A,
+            Direction::Egress,
+            Some(ID_B),
+            Some(TCP),
+            PortMatch::Range(80, 80),
+            Verdict::Allow,
+            1,
+        )],
+    );
+    f.policy(
+        EP_B,
+        &[rule(
+            EP_B,
+            Direction::Ingress,
+            Some(ID_A),
+            Some(TCP),
+            PortMatch::Range(80, 80),
+            Verdict::Allow,
+            2,
+        )],
+    );
 
     for (what, frame) in [
         ("SYN", a_to_b().tcp(40000, 80, TCP_SYN)),
-        ("SYN-ACK, a reply", b_to_a().tcp(80, 40000, TCP_SYN | TCP_ACK)),
+        (
+            "SYN-ACK, a reply",
+            b_to_a().tcp(80, 40000, TCP_SYN | TCP_ACK),
+        ),
         ("ACK", a_to_b().tcp(40000, 80, TCP_ACK)),
         ("data from B, a reply", b_to_a().tcp(80, 40000, TCP_ACK)),
     ] {
@@ -547,7 +779,11 @@ fn replies_of_an_allowed_connection_pass_while_a_new_one_the_other_way_is_denied
     }
     assert!(f.drops().is_empty());
 
-    assert_eq!(f.run(Hook::Lxc, &b_to_a().tcp(40001, 80, TCP_SYN)), TcVerdict::Shot, "B opens to A");
+    assert_eq!(
+        f.run(Hook::Lxc, &b_to_a().tcp(40001, 80, TCP_SYN)),
+        TcVerdict::Shot,
+        "B opens to A"
+    );
     assert_policy_drop(
         &f.one_drop(),
         DropReason::PolicyDefaultDeny,
@@ -571,16 +807,31 @@ fn a_denied_syn_leaves_no_state_that_would_let_the_peer_in_as_a_reply() {
     f.enforce(POD_B, true, true);
 
     // A -> B is denied by B's ingress, after A's egress allowed it.
-    assert_eq!(f.run(Hook::Lxc, &a_to_b().tcp(40000, 80, TCP_SYN)), TcVerdict::Shot);
+    assert_eq!(
+        f.run(Hook::Lxc, &a_to_b().tcp(40000, 80, TCP_SYN)),
+        TcVerdict::Shot
+    );
     assert!(f.dp.conntrack().expect("ct").is_empty());
     // So B's "reply" is a new connection B -> A, which B's egress denies.
-    assert_eq!(f.run(Hook::Lxc, &b_to_a().tcp(80, 40000, TCP_SYN | TCP_ACK)), TcVerdict::Shot);
+    assert_eq!(
+        f.run(Hook::Lxc, &b_to_a().tcp(80, 40000, TCP_SYN | TCP_ACK)),
+        TcVerdict::Shot
+    );
     let drops = f.drops();
     assert_eq!(drops.len(), 2);
-    assert_eq!((drops[1].endpoint_id, drops[1].direction), (EP_B, Some(Direction::Egress)));
+    assert_eq!(
+        (drops[1].endpoint_id, drops[1].direction),
+        (EP_B, Some(Direction::Egress))
+    );
 
     // Likewise from the underlay: nothing B was denied creates state.
-    assert_eq!(f.run(Hook::Host, &from_underlay(REMOTE_POD, POD_B).tcp(50000, 80, TCP_SYN)), TcVerdict::Shot);
+    assert_eq!(
+        f.run(
+            Hook::Host,
+            &from_underlay(REMOTE_POD, POD_B).tcp(50000, 80, TCP_SYN)
+        ),
+        TcVerdict::Shot
+    );
     assert!(f.dp.conntrack().expect("ct").is_empty());
 }
 
@@ -598,9 +849,23 @@ fn a_new_deny_cuts_an_established_connection_at_its_next_packet() {
         assert_eq!(f.run(Hook::Lxc, &frame), TcVerdict::Redirect);
     }
 
-    f.policy(EP_B, &[rule(EP_B, Direction::Ingress, Some(ID_A), Some(TCP), PortMatch::Range(80, 80), Verdict::Deny, 7)]);
+    f.policy(
+        EP_B,
+        &[rule(
+            EP_B,
+            Direction::Ingress,
+            Some(ID_A),
+            Some(TCP),
+            PortMatch::Range(80, 80),
+            Verdict::Deny,
+            7,
+        )],
+    );
 
-    assert_eq!(f.run(Hook::Lxc, &a_to_b().tcp(40000, 80, TCP_ACK)), TcVerdict::Shot);
+    assert_eq!(
+        f.run(Hook::Lxc, &a_to_b().tcp(40000, 80, TCP_ACK)),
+        TcVerdict::Shot
+    );
     assert_policy_drop(
         &f.one_drop(),
         DropReason::PolicyDeny,
@@ -610,9 +875,15 @@ fn a_new_deny_cuts_an_established_connection_at_its_next_packet() {
         (ID_A, ID_B),
     );
     // Policy judges the original direction only: B's packets are replies.
-    assert_eq!(f.run(Hook::Lxc, &b_to_a().tcp(80, 40000, TCP_ACK)), TcVerdict::Redirect);
+    assert_eq!(
+        f.run(Hook::Lxc, &b_to_a().tcp(80, 40000, TCP_ACK)),
+        TcVerdict::Redirect
+    );
     let ct = f.dp.conntrack().expect("ct");
-    assert_eq!(ct[0].1.packets_fwd, 2, "the dropped packet is not counted in ct: {ct:#?}");
+    assert_eq!(
+        ct[0].1.packets_fwd, 2,
+        "the dropped packet is not counted in ct: {ct:#?}"
+    );
 }
 
 #[test]
@@ -623,11 +894,34 @@ fn icmp_echo_requests_are_judged_and_their_replies_pass_as_replies() {
     let mut f = setup();
     f.enforce(POD_A, false, true);
     f.enforce(POD_B, false, true);
-    f.policy(EP_A, &[rule(EP_A, Direction::Egress, Some(ID_B), Some(ICMP), PortMatch::Any, Verdict::Allow, 1)]);
+    f.policy(
+        EP_A,
+        &[rule(
+            EP_A,
+            Direction::Egress,
+            Some(ID_B),
+            Some(ICMP),
+            PortMatch::Any,
+            Verdict::Allow,
+            1,
+        )],
+    );
 
-    assert_eq!(f.run(Hook::Lxc, &a_to_b().icmp_echo(0x42)), TcVerdict::Redirect, "request");
-    assert_eq!(f.run(Hook::Lxc, &echo_reply(&b_to_a(), 0x42)), TcVerdict::Redirect, "reply");
-    assert_eq!(f.run(Hook::Lxc, &b_to_a().icmp_echo(0x43)), TcVerdict::Shot, "B pings A");
+    assert_eq!(
+        f.run(Hook::Lxc, &a_to_b().icmp_echo(0x42)),
+        TcVerdict::Redirect,
+        "request"
+    );
+    assert_eq!(
+        f.run(Hook::Lxc, &echo_reply(&b_to_a(), 0x42)),
+        TcVerdict::Redirect,
+        "reply"
+    );
+    assert_eq!(
+        f.run(Hook::Lxc, &b_to_a().icmp_echo(0x43)),
+        TcVerdict::Shot,
+        "B pings A"
+    );
     assert_policy_drop(
         &f.one_drop(),
         DropReason::PolicyDefaultDeny,
@@ -647,20 +941,47 @@ fn host_judges_ingress_from_the_underlay_with_the_ipcache_identity() {
     f.enforce(POD_A, true, true);
     let remote = from_underlay(REMOTE_POD, POD_A);
 
-    assert_eq!(f.run(Hook::Host, &remote.tcp(50000, 8080, TCP_SYN)), TcVerdict::Shot);
+    assert_eq!(
+        f.run(Hook::Host, &remote.tcp(50000, 8080, TCP_SYN)),
+        TcVerdict::Shot
+    );
     let ev = f.one_drop();
     assert_eq!(ev.source, ObservationPoint::Host);
-    assert_policy_drop(&ev, DropReason::PolicyDefaultDeny, 0, EP_A, Direction::Ingress, (ID_REMOTE, ID_A));
+    assert_policy_drop(
+        &ev,
+        DropReason::PolicyDefaultDeny,
+        0,
+        EP_A,
+        Direction::Ingress,
+        (ID_REMOTE, ID_A),
+    );
 
-    f.policy(EP_A, &[rule(EP_A, Direction::Ingress, Some(ID_REMOTE), Some(TCP), PortMatch::Range(8080, 8080), Verdict::Allow, 4)]);
-    assert_eq!(f.run(Hook::Host, &remote.tcp(50001, 8080, TCP_SYN)), TcVerdict::Redirect);
+    f.policy(
+        EP_A,
+        &[rule(
+            EP_A,
+            Direction::Ingress,
+            Some(ID_REMOTE),
+            Some(TCP),
+            PortMatch::Range(8080, 8080),
+            Verdict::Allow,
+            4,
+        )],
+    );
+    assert_eq!(
+        f.run(Hook::Host, &remote.tcp(50001, 8080, TCP_SYN)),
+        TcVerdict::Redirect
+    );
     // A's reply leaves through bpf_lxc: egress is enforced with no rule, but it is a reply.
     let reply = pod_frame(POD_A, REMOTE_POD).tcp(8080, 50001, TCP_SYN | TCP_ACK);
     assert_eq!(f.run(Hook::Lxc, &reply), TcVerdict::Ok);
     assert!(f.drops().is_empty());
     let ct = f.dp.conntrack().expect("ct");
     assert_eq!(ct.len(), 1);
-    assert_eq!(ct[0].0.direction, membrane_node_datapath::bpf::CtDirection::Ingress);
+    assert_eq!(
+        ct[0].0.direction,
+        membrane_node_datapath::bpf::CtDirection::Ingress
+    );
     assert!(ct[0].1.seen_reply);
 }
 
@@ -679,15 +1000,42 @@ fn to_container_judges_what_the_node_delivers_with_the_host_identity() {
         ttl: 64,
     };
 
-    assert_eq!(f.run(Hook::LxcEgress, &from_node.tcp(33000, 80, TCP_SYN)), TcVerdict::Shot);
+    assert_eq!(
+        f.run(Hook::LxcEgress, &from_node.tcp(33000, 80, TCP_SYN)),
+        TcVerdict::Shot
+    );
     let ev = f.one_drop();
     assert_eq!(ev.source, ObservationPoint::ToContainer);
-    assert_policy_drop(&ev, DropReason::PolicyDefaultDeny, 0, EP_B, Direction::Ingress, (identity::HOST, ID_B));
+    assert_policy_drop(
+        &ev,
+        DropReason::PolicyDefaultDeny,
+        0,
+        EP_B,
+        Direction::Ingress,
+        (identity::HOST, ID_B),
+    );
 
-    f.policy(EP_B, &[rule(EP_B, Direction::Ingress, Some(identity::HOST), None, PortMatch::Any, Verdict::Allow, 5)]);
-    let out = f.dp.test_run(Hook::LxcEgress, &from_node.tcp(33001, 80, TCP_SYN)).expect("run");
+    f.policy(
+        EP_B,
+        &[rule(
+            EP_B,
+            Direction::Ingress,
+            Some(identity::HOST),
+            None,
+            PortMatch::Any,
+            Verdict::Allow,
+            5,
+        )],
+    );
+    let out =
+        f.dp.test_run(Hook::LxcEgress, &from_node.tcp(33001, 80, TCP_SYN))
+            .expect("run");
     assert_eq!(out.verdict, TcVerdict::Ok);
-    assert_eq!(out.packet, from_node.tcp(33001, 80, TCP_SYN), "delivered untouched");
+    assert_eq!(
+        out.packet,
+        from_node.tcp(33001, 80, TCP_SYN),
+        "delivered untouched"
+    );
     // B's reply to the node leaves through bpf_lxc and is recognised as one.
     let reply = pod_frame(POD_B, NODE_IP).tcp(80, 33001, TCP_SYN | TCP_ACK);
     f.enforce(POD_B, true, true);
@@ -713,10 +1061,25 @@ fn with_redirect_peer_off_lxc_leaves_the_receivers_ingress_to_to_container() {
     f.enforce(POD_B, true, false);
     let syn = a_to_b().tcp(40000, 80, TCP_SYN);
 
-    assert_eq!(f.run(Hook::Lxc, &syn), TcVerdict::Ok, "to the stack, which forwards it");
+    assert_eq!(
+        f.run(Hook::Lxc, &syn),
+        TcVerdict::Ok,
+        "to the stack, which forwards it"
+    );
     assert!(f.drops().is_empty());
-    assert_eq!(f.run(Hook::LxcEgress, &syn), TcVerdict::Shot, "judged where it is delivered");
-    assert_policy_drop(&f.one_drop(), DropReason::PolicyDefaultDeny, 0, EP_B, Direction::Ingress, (ID_A, ID_B));
+    assert_eq!(
+        f.run(Hook::LxcEgress, &syn),
+        TcVerdict::Shot,
+        "judged where it is delivered"
+    );
+    assert_policy_drop(
+        &f.one_drop(),
+        DropReason::PolicyDefaultDeny,
+        0,
+        EP_B,
+        Direction::Ingress,
+        (ID_A, ID_B),
+    );
 }
 
 #[test]
@@ -727,10 +1090,30 @@ fn with_policy_compiled_out_nothing_is_judged() {
     let mut f = setup_with(ALL_ON, PolicyMode::CompiledOut);
     f.enforce(POD_A, true, true);
     f.enforce(POD_B, true, true);
-    f.policy(EP_B, &[rule(EP_B, Direction::Ingress, None, None, PortMatch::Any, Verdict::Deny, 1)]);
+    f.policy(
+        EP_B,
+        &[rule(
+            EP_B,
+            Direction::Ingress,
+            None,
+            None,
+            PortMatch::Any,
+            Verdict::Deny,
+            1,
+        )],
+    );
 
-    assert_eq!(f.run(Hook::Lxc, &a_to_b().tcp(40000, 80, TCP_SYN)), TcVerdict::Redirect);
-    assert_eq!(f.run(Hook::Host, &from_underlay(REMOTE_POD, POD_B).tcp(50000, 80, TCP_SYN)), TcVerdict::Redirect);
+    assert_eq!(
+        f.run(Hook::Lxc, &a_to_b().tcp(40000, 80, TCP_SYN)),
+        TcVerdict::Redirect
+    );
+    assert_eq!(
+        f.run(
+            Hook::Host,
+            &from_underlay(REMOTE_POD, POD_B).tcp(50000, 80, TCP_SYN)
+        ),
+        TcVerdict::Redirect
+    );
     assert!(f.drops().is_empty());
 }
 
@@ -742,15 +1125,43 @@ fn policy_drops_are_counted_per_endpoint_reason_and_direction() {
     let mut f = setup();
     f.enforce(POD_B, true, false);
     f.enforce(POD_A, false, true);
-    f.policy(EP_A, &[
-        rule(EP_A, Direction::Egress, Some(ID_B), None, PortMatch::Any, Verdict::Allow, 1),
-        rule(EP_A, Direction::Egress, Some(ID_REMOTE), None, PortMatch::Any, Verdict::Deny, 2),
-    ]);
+    f.policy(
+        EP_A,
+        &[
+            rule(
+                EP_A,
+                Direction::Egress,
+                Some(ID_B),
+                None,
+                PortMatch::Any,
+                Verdict::Allow,
+                1,
+            ),
+            rule(
+                EP_A,
+                Direction::Egress,
+                Some(ID_REMOTE),
+                None,
+                PortMatch::Any,
+                Verdict::Deny,
+                2,
+            ),
+        ],
+    );
 
     for port in [1, 2, 3] {
-        assert_eq!(f.run(Hook::Lxc, &a_to_b().tcp(40000, port, TCP_SYN)), TcVerdict::Shot);
+        assert_eq!(
+            f.run(Hook::Lxc, &a_to_b().tcp(40000, port, TCP_SYN)),
+            TcVerdict::Shot
+        );
     }
-    assert_eq!(f.run(Hook::Lxc, &pod_frame(POD_A, REMOTE_POD).tcp(40000, 80, TCP_SYN)), TcVerdict::Shot);
+    assert_eq!(
+        f.run(
+            Hook::Lxc,
+            &pod_frame(POD_A, REMOTE_POD).tcp(40000, 80, TCP_SYN)
+        ),
+        TcVerdict::Shot
+    );
 
     let drops = f.dp.endpoint_drops().expect("drops");
     assert_eq!(
@@ -761,8 +1172,16 @@ fn policy_drops_are_counted_per_endpoint_reason_and_direction() {
         ]
     );
     let m = f.dp.metrics().expect("metrics");
-    assert_eq!(m.drops.get(&DropReason::PolicyDefaultDeny).map(|c| c.packets), Some(3));
-    assert_eq!(m.drops.get(&DropReason::PolicyDeny).map(|c| c.packets), Some(1));
+    assert_eq!(
+        m.drops
+            .get(&DropReason::PolicyDefaultDeny)
+            .map(|c| c.packets),
+        Some(3)
+    );
+    assert_eq!(
+        m.drops.get(&DropReason::PolicyDeny).map(|c| c.packets),
+        Some(1)
+    );
 }
 
 #[test]
@@ -771,27 +1190,145 @@ fn replacing_a_policy_removes_stale_entries_and_leaves_other_endpoints_alone() {
         return;
     }
     let mut f = setup();
-    let a_rules = [rule(EP_A, Direction::Egress, Some(ID_B), Some(TCP), PortMatch::Range(80, 80), Verdict::Allow, 1)];
+    let a_rules = [rule(
+        EP_A,
+        Direction::Egress,
+        Some(ID_B),
+        Some(TCP),
+        PortMatch::Range(80, 80),
+        Verdict::Allow,
+        1,
+    )];
     f.policy(EP_A, &a_rules);
     f.policy(
         EP_B,
         &[
-            rule(EP_B, Direction::Ingress, Some(ID_A), Some(TCP), PortMatch::Range(80, 90), Verdict::Allow, 2),
-            rule(EP_B, Direction::Ingress, None, None, PortMatch::Any, Verdict::Deny, 3),
+            rule(
+                EP_B,
+                Direction::Ingress,
+                Some(ID_A),
+                Some(TCP),
+                PortMatch::Range(80, 90),
+                Verdict::Allow,
+                2,
+            ),
+            rule(
+                EP_B,
+                Direction::Ingress,
+                None,
+                None,
+                PortMatch::Any,
+                Verdict::Deny,
+                3,
+            ),
         ],
     );
-    assert_eq!(f.dp.policy_entries(EP_B).expect("entries").len(), 4, "80-87, 88-89, 90 and any");
+    assert_eq!(
+        f.dp.policy_entries(EP_B).expect("entries").len(),
+        4,
+        "80-87, 88-89, 90 and any"
+    );
 
-    let b_rules = [rule(EP_B, Direction::Egress, None, Some(UDP), PortMatch::Range(53, 53), Verdict::Allow, 4)];
+    let b_rules = [rule(
+        EP_B,
+        Direction::Egress,
+        None,
+        Some(UDP),
+        PortMatch::Range(53, 53),
+        Verdict::Allow,
+        4,
+    )];
     f.policy(EP_B, &b_rules);
     assert_eq!(f.dp.policy_entries(EP_B).expect("entries"), b_rules);
     assert_eq!(f.dp.policy_entries(EP_A).expect("entries"), a_rules);
 
-    let bad = [rule(EP_B, Direction::Egress, None, Some(ICMP), PortMatch::Range(1, 2), Verdict::Allow, 5)];
-    let err = f.dp.replace_endpoint_policy(EP_B, &bad).expect_err("icmp has no ports");
-    assert!(matches!(err, membrane_node_datapath::bpf::Error::Policy { endpoint_id: EP_B, .. }), "{err}");
-    assert_eq!(f.dp.policy_entries(EP_B).expect("entries"), b_rules, "a rejected policy changes nothing");
+    let bad = [rule(
+        EP_B,
+        Direction::Egress,
+        None,
+        Some(ICMP),
+        PortMatch::Range(1, 2),
+        Verdict::Allow,
+        5,
+    )];
+    let err =
+        f.dp.replace_endpoint_policy(EP_B, &bad)
+            .expect_err("icmp has no ports");
+    assert!(
+        matches!(
+            err,
+            membrane_node_datapath::bpf::Error::Policy {
+                endpoint_id: EP_B,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        f.dp.policy_entries(EP_B).expect("entries"),
+        b_rules,
+        "a rejected policy changes nothing"
+    );
 
     f.policy(EP_B, &[]);
     assert!(f.dp.policy_entries(EP_B).expect("entries").is_empty());
+}
+
+#[test]
+fn a_packet_host_delivered_with_redirect_neigh_is_not_judged_again_by_to_container() {
+    if !privileged(
+        "a_packet_host_delivered_with_redirect_neigh_is_not_judged_again_by_to_container",
+    ) {
+        return;
+    }
+    // redirect_neigh transmits out of the pod's veth, through its tc egress.
+    let mut f = setup_with(
+        DatapathOptions {
+            redirect_peer: false,
+            redirect_neigh: true,
+        },
+        PolicyMode::Enforced,
+    );
+    f.enforce(POD_B, true, false);
+    f.policy(
+        EP_B,
+        &[rule(
+            EP_B,
+            Direction::Ingress,
+            Some(ID_REMOTE),
+            None,
+            PortMatch::Any,
+            Verdict::Allow,
+            1,
+        )],
+    );
+    let syn = from_underlay(REMOTE_POD, POD_B).tcp(50000, 80, TCP_SYN);
+
+    let host = f.dp.test_run(Hook::Host, &syn).expect("run");
+    assert_eq!(host.verdict, TcVerdict::Redirect);
+    assert_ne!(host.mark, 0, "bpf_host marks what it judged");
+
+    // Its rule is gone by the time the packet reaches to_container: were it
+    // judged again, it would be dropped.
+    f.policy(EP_B, &[]);
+    let out =
+        f.dp.test_run_with_mark(Hook::LxcEgress, &host.packet, host.mark)
+            .expect("run");
+    assert_eq!(out.verdict, TcVerdict::Ok);
+    assert_eq!(
+        out.mark, 0,
+        "the mark is cleared before the pod sees the packet"
+    );
+    assert!(f.drops().is_empty());
+    let unmarked =
+        f.dp.test_run(
+            Hook::LxcEgress,
+            &from_underlay(REMOTE_POD, POD_B).tcp(50001, 80, TCP_SYN),
+        )
+        .expect("run");
+    assert_eq!(
+        unmarked.verdict,
+        TcVerdict::Shot,
+        "an unmarked packet is judged"
+    );
 }

@@ -349,9 +349,18 @@ mod tests {
             ("IDENTITY_REMOTE_NODE", u64::from(IDENTITY_REMOTE_NODE)),
             ("IDENTITY_GLOBAL_MIN", u64::from(IDENTITY_GLOBAL_MIN)),
             ("IDENTITY_GLOBAL_MAX", u64::from(IDENTITY_GLOBAL_MAX)),
-            ("IDENTITY_LOCAL_CIDR_BASE", u64::from(IDENTITY_LOCAL_CIDR_BASE)),
-            ("ENDPOINT_F_INGRESS_ENFORCED", u64::from(ENDPOINT_F_INGRESS_ENFORCED)),
-            ("ENDPOINT_F_EGRESS_ENFORCED", u64::from(ENDPOINT_F_EGRESS_ENFORCED)),
+            (
+                "IDENTITY_LOCAL_CIDR_BASE",
+                u64::from(IDENTITY_LOCAL_CIDR_BASE),
+            ),
+            (
+                "ENDPOINT_F_INGRESS_ENFORCED",
+                u64::from(ENDPOINT_F_INGRESS_ENFORCED),
+            ),
+            (
+                "ENDPOINT_F_EGRESS_ENFORCED",
+                u64::from(ENDPOINT_F_EGRESS_ENFORCED),
+            ),
             ("POLICY_INGRESS", u64::from(POLICY_INGRESS)),
             ("POLICY_EGRESS", u64::from(POLICY_EGRESS)),
             ("POLICY_ALLOW", u64::from(POLICY_ALLOW)),
@@ -363,7 +372,10 @@ mod tests {
             ("TRACE_DIR_NONE", u64::from(TRACE_DIR_NONE)),
             ("METRIC_TO_LXC", u64::from(METRIC_TO_LXC)),
             ("DROP_POLICY_DENY", u64::from(DROP_POLICY_DENY)),
-            ("DROP_POLICY_DEFAULT_DENY", u64::from(DROP_POLICY_DEFAULT_DENY)),
+            (
+                "DROP_POLICY_DEFAULT_DENY",
+                u64::from(DROP_POLICY_DEFAULT_DENY),
+            ),
             ("OBS_TO_LXC", u64::from(OBS_TO_LXC)),
             ("CT_EGRESS", u64::from(CT_EGRESS)),
             ("CT_INGRESS", u64::from(CT_INGRESS)),

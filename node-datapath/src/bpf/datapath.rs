@@ -29,8 +29,8 @@ use ipnet::Ipv4Net;
 use super::{
     AttachError, Error, Hook, LAYOUT_VERSION,
     abi::{
-        self, CtEntryRaw, CtKeyRaw, EndpointInfoRaw, EpDropKeyRaw, IpcacheValueRaw,
-        MetricValueRaw, PolicyKeyData, PolicyValueRaw,
+        self, CtEntryRaw, CtKeyRaw, EndpointInfoRaw, EpDropKeyRaw, IpcacheValueRaw, MetricValueRaw,
+        PolicyKeyData, PolicyValueRaw,
     },
     events::EventReader,
     features::Features,
@@ -90,7 +90,15 @@ pub struct TestRunOutput {
     pub verdict: TcVerdict,
     /// The packet as the program left it (rewrites included).
     pub packet: Vec<u8>,
+    /// `skb->mark` as the program left it.
+    pub mark: u32,
 }
+
+/// `struct __sk_buff`: `mark` is its third u32 (uapi, stable). The kernel
+/// accepts a shorter context in (the rest zero) and needs room for all of it
+/// out (192 bytes on 6.x; more leaves room for growth).
+const SKB_CTX_MARK_OFFSET: usize = 8;
+const SKB_CTX_OUT_LEN: usize = 512;
 
 /// The loaded datapath. Dropping it unloads nothing that traffic depends on:
 /// links and maps are pinned, so the kernel keeps running the programs until
@@ -392,12 +400,14 @@ impl Datapath {
                 source: Box::new(e),
             })?;
             // The kernel only accepts prefix lengths 0..=32 into this trie.
-            let prefix = Ipv4Net::new(Ipv4Addr::from(key.data()), key.prefix_len() as u8)
-                .map_err(|_| Error::ReadMap {
-                    map: MAP_IPCACHE,
-                    source: Box::new(MapError::InvalidName {
-                        name: format!("prefix length {}", key.prefix_len()),
-                    }),
+            let prefix =
+                Ipv4Net::new(Ipv4Addr::from(key.data()), key.prefix_len() as u8).map_err(|_| {
+                    Error::ReadMap {
+                        map: MAP_IPCACHE,
+                        source: Box::new(MapError::InvalidName {
+                            name: format!("prefix length {}", key.prefix_len()),
+                        }),
+                    }
                 })?;
             out.push((prefix, value.identity));
         }
@@ -421,8 +431,10 @@ impl Datapath {
         endpoint_id: u32,
         entries: &[PolicyEntry],
     ) -> Result<(), Error> {
-        let desired = policy::encode(endpoint_id, entries)
-            .map_err(|source| Error::Policy { endpoint_id, source })?;
+        let desired = policy::encode(endpoint_id, entries).map_err(|source| Error::Policy {
+            endpoint_id,
+            source,
+        })?;
         let current = self.policy_map_entries(endpoint_id)?;
         let map_err = |op| {
             move |e| Error::PolicyMap {
@@ -439,7 +451,10 @@ impl Datapath {
                 .insert(&policy_key(key), value.to_raw(), 0)
                 .map_err(map_err("write"))?;
         }
-        let stale: BTreeSet<&MapKey> = current.keys().filter(|k| !desired.contains_key(k)).collect();
+        let stale: BTreeSet<&MapKey> = current
+            .keys()
+            .filter(|k| !desired.contains_key(k))
+            .collect();
         for key in stale {
             match self.policy.remove(&policy_key(key)) {
                 Ok(()) => {}
@@ -534,7 +549,18 @@ impl Datapath {
     /// `BPF_PROG_TEST_RUN` (nothing needs to be attached; maps are the real
     /// ones, so endpoints, ct, counters and events all take part).
     pub fn test_run(&self, hook: Hook, frame: &[u8]) -> Result<TestRunOutput, Error> {
-        self.test_run_repeat(hook, frame, 1).map(|(out, _)| out)
+        self.run_prog(hook, frame, 1, 0).map(|(out, _)| out)
+    }
+
+    /// [`Datapath::test_run`] with `skb->mark` preset, e.g. to show how a
+    /// program treats a packet another program already marked.
+    pub fn test_run_with_mark(
+        &self,
+        hook: Hook,
+        frame: &[u8],
+        mark: u32,
+    ) -> Result<TestRunOutput, Error> {
+        self.run_prog(hook, frame, 1, mark).map(|(out, _)| out)
     }
 
     /// Runs `frame` through `hook`'s program `repeat` times in the kernel
@@ -546,6 +572,16 @@ impl Datapath {
         hook: Hook,
         frame: &[u8],
         repeat: u32,
+    ) -> Result<(TestRunOutput, Duration), Error> {
+        self.run_prog(hook, frame, repeat, 0)
+    }
+
+    fn run_prog(
+        &self,
+        hook: Hook,
+        frame: &[u8],
+        repeat: u32,
+        mark: u32,
     ) -> Result<(TestRunOutput, Duration), Error> {
         let err = |source| Error::TestRun {
             hook,
@@ -562,19 +598,27 @@ impl Datapath {
             .map_err(err)?;
         // Room for helpers that grow the packet (none today).
         let mut out = vec![0u8; frame.len() + 256];
+        let mut ctx_in = [0u8; SKB_CTX_MARK_OFFSET + 4];
+        ctx_in[SKB_CTX_MARK_OFFSET..].copy_from_slice(&mark.to_ne_bytes());
+        let mut ctx_out = vec![0u8; SKB_CTX_OUT_LEN];
         let result = prog
             .test_run(TestRunOptions {
                 data_in: Some(frame),
                 data_out: Some(&mut out),
+                ctx_in: Some(&ctx_in),
+                ctx_out: Some(&mut ctx_out),
                 repeat: repeat.max(1),
                 ..TestRunOptions::default()
             })
             .map_err(err)?;
         out.truncate(result.data_size_out as usize);
+        let mut mark_out = [0u8; 4];
+        mark_out.copy_from_slice(&ctx_out[SKB_CTX_MARK_OFFSET..SKB_CTX_MARK_OFFSET + 4]);
         let output = TestRunOutput {
             // The kernel returns the program's int return value in a u32.
             verdict: TcVerdict::from_code(result.return_value as i32),
             packet: out,
+            mark: u32::from_ne_bytes(mark_out),
         };
         Ok((output, result.duration))
     }

@@ -79,7 +79,9 @@ pub enum PolicyError {
         expected: u32,
         got: u32,
     },
-    #[error("rule {rule_id}: port range {lo}-{hi} is empty or includes port 0 (use PortMatch::Any)")]
+    #[error(
+        "rule {rule_id}: port range {lo}-{hi} is empty or includes port 0 (use PortMatch::Any)"
+    )]
     InvalidPortRange { rule_id: u32, lo: u16, hi: u16 },
     #[error("rule {rule_id}: protocol {proto} has no ports; only TCP (6) and UDP (17) do")]
     PortsWithoutPorts { rule_id: u32, proto: u8 },
@@ -266,7 +268,11 @@ pub(crate) fn range_to_prefixes(lo: u16, hi: u16) -> Vec<(u16, u8)> {
     let (mut lo, hi) = (u32::from(lo), u32::from(hi));
     while lo <= hi {
         // The largest block aligned at lo that does not run past hi.
-        let mut k = if lo == 0 { 16 } else { lo.trailing_zeros().min(16) };
+        let mut k = if lo == 0 {
+            16
+        } else {
+            lo.trailing_zeros().min(16)
+        };
         while lo + (1 << k) - 1 > hi {
             k -= 1;
         }
