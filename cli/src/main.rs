@@ -78,6 +78,11 @@ enum Command {
         #[command(subcommand)]
         what: PodCommand,
     },
+    /// Network policy tools.
+    Policy {
+        #[command(subcommand)]
+        what: PolicyCommand,
+    },
     /// Run commands on the cluster's hosts (`external`, or a node).
     Host {
         #[command(subcommand)]
@@ -100,6 +105,8 @@ enum GetCommand {
     Endpoints(OutputFlag),
     /// Security identities: labels and references.
     Identities(OutputFlag),
+    /// Network policies, the identities they select, and what is not enforced.
+    Policies(OutputFlag),
     /// The ipcache (address → identity) as each node's eBPF map holds it.
     Ipcache {
         /// Only this node.
@@ -145,6 +152,22 @@ enum PodCommand {
         /// Pod namespace.
         #[arg(long, short = 'n', default_value = "default")]
         namespace: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Explain the verdict for traffic: allowed or denied, and by which rules.
+    Trace {
+        /// `pod/NS/NAME`, `entity/world` (or another entity), `cidr/ADDR`, or `identity/N`.
+        #[arg(long)]
+        from: String,
+        /// `pod/NS/NAME`, `entity/...`, `cidr/ADDR`, or `identity/N`.
+        #[arg(long)]
+        to: String,
+        /// `PORT/PROTO`, e.g. `80/TCP`, `53/UDP`, `0/ICMP`.
+        #[arg(long)]
+        port: String,
     },
 }
 
@@ -208,6 +231,10 @@ async fn run(cli: Cli) -> anyhow::Result<Exit> {
         Command::Pod { what: PodCommand::List(o) } => commands::pod::list(&ctx()?, o.output)?,
         Command::Pod { what: PodCommand::Label { name, changes, namespace } } => {
             commands::pod::label(&ctx()?, &namespace, &name, &changes).await?
+        }
+        Command::Get { what: GetCommand::Policies(o) } => commands::policy::get_policies(&ctx()?, o.output).await?,
+        Command::Policy { what: PolicyCommand::Trace { from, to, port } } => {
+            commands::policy::trace(&ctx()?, &from, &to, &port).await?
         }
         Command::Get { what: GetCommand::Identities(o) } => commands::identities::identities(&ctx()?, o.output).await?,
         Command::Get { what: GetCommand::Ipcache { node, output } } => {

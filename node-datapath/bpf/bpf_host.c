@@ -38,6 +38,16 @@ int from_netdev(struct __sk_buff *ctx)
 	/* No helper to deliver with: the stack delivers, and to_container judges it there. */
 	if (!feature_enabled(FEATURE_REDIRECT_PEER) && !feature_enabled(FEATURE_REDIRECT_NEIGH))
 		return pass_to_stack(ctx);
+	/*
+	 * Traffic from outside the cluster goes through the stack: its replies
+	 * leave through the stack too (the pod's gateway), and netfilter's
+	 * conntrack must have seen the connection's first packet, or the
+	 * masquerading rule would rewrite those replies. to_container judges it.
+	 */
+	__u32 src_identity = resolve_identity(NULL, p.tuple.saddr);
+
+	if (src_identity == IDENTITY_WORLD || src_identity >= IDENTITY_LOCAL_CIDR_BASE)
+		return pass_to_stack(ctx);
 	/* From the underlay the source is never a local pod: its identity is the ipcache's. */
 	ret = ingress_admit(ctx, &p, ep, NULL, OBS_HOST);
 	if (ret)

@@ -23,6 +23,7 @@ use crate::bpf;
 use crate::endpoints::{EndpointManager, NodeNet};
 use crate::identity::{IdentityClient, IpcacheMap, IpcacheSink};
 use crate::masquerade;
+use crate::policy::PolicySink;
 use crate::routes::{IpRouteTable, RouteSink};
 
 /// The Membrane node agent.
@@ -65,6 +66,12 @@ pub struct Args {
     /// Name the identity service's certificate carries.
     #[arg(long, env = "MEMBRANE_IDENTITY_SERVER_NAME", default_value = "identity.membrane.local")]
     pub identity_server_name: String,
+    /// Policy service URL; without it no policy is enforced.
+    #[arg(long, env = "MEMBRANE_POLICY_ENDPOINT")]
+    pub policy_endpoint: Option<String>,
+    /// Name the policy service's certificate carries.
+    #[arg(long, env = "MEMBRANE_POLICY_SERVER_NAME", default_value = "policy.membrane.local")]
+    pub policy_server_name: String,
     /// bpffs directory for this node's pins.
     #[arg(
         long,
@@ -167,6 +174,13 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
         let sink = IpcacheSink::new(args.node_name.clone(), DatapathIpcache(datapath.clone()));
         tasks.push(subscribe(&args.node_name, "identity", channel, sink, &applied_tx));
         tasks.push(tokio::spawn(keep_lease(client, args.underlay_ip, endpoints.clone())));
+    }
+    match &args.policy_endpoint {
+        Some(url) => {
+            let channel = rpc::connect_lazy(url, &args.policy_server_name, tls.as_ref())?;
+            tasks.push(subscribe(&args.node_name, "policy", channel, PolicySink::new(endpoints.clone()), &applied_tx));
+        }
+        None => tracing::warn!("no policy service configured: no network policy is enforced"),
     }
 
     let facts = NodeFacts {

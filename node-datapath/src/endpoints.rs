@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bpf::{Datapath, EndpointInfo, Hook, MacAddr};
 use crate::identity::IdentityClient;
+use crate::policy::PolicyState;
 use crate::netlink::{self, CommandError};
 
 /// Route protocol number marking the per-pod /32 routes on the node.
@@ -162,6 +163,8 @@ pub struct EndpointManager {
     datapath: Arc<Mutex<Datapath>>,
     ipam: ipam::ipam_client::IpamClient<GrpcChannel>,
     identity: Option<IdentityClient>,
+    /// What policy says; read when (re)programming an endpoint.
+    policy: Mutex<PolicyState>,
     /// Serializes add/del: they read and write records and the id space.
     lock: tokio::sync::Mutex<()>,
 }
@@ -203,7 +206,7 @@ impl EndpointManager {
         identity: Option<IdentityClient>,
     ) -> Result<Self, EndpointError> {
         std::fs::create_dir_all(&dir).map_err(|source| EndpointError::State { path: dir.clone(), source })?;
-        Ok(Self { node, net, dir, datapath, ipam, identity, lock: tokio::sync::Mutex::new(()) })
+        Ok(Self { node, net, dir, datapath, ipam, identity, policy: Mutex::new(PolicyState::default()), lock: tokio::sync::Mutex::new(()) })
     }
 
     /// The node's name.
@@ -346,7 +349,7 @@ impl EndpointManager {
         };
         r.labels = labels;
         r.identity = new;
-        self.datapath().upsert_endpoint(r.ip, &endpoint_info(&r)?)?;
+        self.reprogram(&r)?;
         self.save(&r)?;
         if let Some(c) = &self.identity {
             c.upsert_endpoint(r.ip, new, &r.pod_namespace, &r.pod_name).await.map_err(EndpointError::Identity)?;
@@ -367,7 +370,7 @@ impl EndpointManager {
             let id = c.allocate(&r.pod_namespace, &r.labels).await.map_err(EndpointError::Identity)?;
             if id != r.identity {
                 r.identity = id;
-                self.datapath().upsert_endpoint(r.ip, &endpoint_info(&r)?)?;
+                self.reprogram(&r)?;
                 self.save(&r)?;
             }
             c.upsert_endpoint(r.ip, id, &r.pod_namespace, &r.pod_name).await.map_err(EndpointError::Identity)?;
@@ -413,13 +416,53 @@ impl EndpointManager {
         Ok(record)
     }
 
-    /// Attaches `bpf_lxc` to the endpoint's veth and writes its map entry.
+    /// Attaches `bpf_lxc` (both directions) to the endpoint's veth, then
+    /// writes its policy and its map entry.
     fn program(&self, r: &EndpointRecord) -> Result<(), EndpointError> {
-        let info = endpoint_info(r)?;
+        {
+            let mut dp = self.datapath();
+            dp.attach(Hook::Lxc, r.host_ifindex)?;
+            dp.attach(Hook::LxcEgress, r.host_ifindex)?;
+        }
+        self.reprogram(r)
+    }
+
+    /// Writes the endpoint's policy entries, then its map entry with the
+    /// enforcement flags: the entry never points at a policy not yet written.
+    fn reprogram(&self, r: &EndpointRecord) -> Result<(), EndpointError> {
+        let mut st = self.policy.lock().unwrap_or_else(|p| p.into_inner());
+        let mut info = endpoint_info(r)?;
+        info.flags = st.flags_for(r.identity);
+        let entries = st.entries_for(r.id, r.identity);
         let mut dp = self.datapath();
-        dp.attach(Hook::Lxc, r.host_ifindex)?;
+        dp.replace_endpoint_policy(r.id, &entries).map_err(|e| EndpointError::Datapath(anyhow::Error::new(e)))?;
         dp.upsert_endpoint(r.ip, &info)?;
         Ok(())
+    }
+
+    /// Replaces the policy state and re-programs every endpoint with it;
+    /// CIDR prefixes that rules name get node-local identities in the ipcache.
+    pub async fn apply_policies(&self, policies: BTreeMap<u32, membrane_proto::policy::v1::IdentityPolicy>) -> Result<(), EndpointError> {
+        let _guard = self.lock.lock().await;
+        let (added, removed) = self.policy.lock().unwrap_or_else(|p| p.into_inner()).set_policies(policies);
+        {
+            let mut dp = self.datapath();
+            for (net, id) in added {
+                dp.upsert_ipcache(net, id)?;
+            }
+            for net in removed {
+                dp.remove_ipcache(net)?;
+            }
+        }
+        for r in self.records() {
+            self.reprogram(&r)?;
+        }
+        Ok(())
+    }
+
+    /// The rule a drop's rule id names.
+    pub fn rule_name(&self, id: u32) -> Option<String> {
+        self.policy.lock().unwrap_or_else(|p| p.into_inner()).rule_name(id).map(str::to_string)
     }
 
     async fn release(&self, ip: Ipv4Addr) -> Result<(), EndpointError> {
@@ -448,6 +491,8 @@ impl EndpointManager {
             let mut dp = self.datapath();
             dp.remove_endpoint(r.ip)?;
             dp.detach(Hook::Lxc, r.host_ifindex)?;
+            dp.detach(Hook::LxcEgress, r.host_ifindex)?;
+            dp.replace_endpoint_policy(r.id, &[]).map_err(|e| EndpointError::Datapath(anyhow::Error::new(e)))?;
         }
         if netlink::link(&r.host_ifname).is_some() {
             netlink::ip(&["link", "del", &r.host_ifname])?;
@@ -516,6 +561,8 @@ impl EndpointManager {
                     tracing::warn!(endpoint = r.id, ip = %r.ip, "veth gone while the agent was down; releasing");
                     let _ = self.datapath().remove_endpoint(r.ip);
                     let _ = self.datapath().detach(Hook::Lxc, r.host_ifindex);
+                    let _ = self.datapath().detach(Hook::LxcEgress, r.host_ifindex);
+                    let _ = self.datapath().replace_endpoint_policy(r.id, &[]);
                     let _ = self.release(r.ip).await;
                     self.forget(&r.container_id, &r.ifname);
                 }

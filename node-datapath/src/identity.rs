@@ -142,7 +142,12 @@ impl<M: IpcacheMap> IpcacheSink<M> {
         let want = desired_ipcache(&self.node, state)?;
         self.programmed = None;
         let have = self.map.entries()?;
-        let stale: BTreeSet<Ipv4Net> = have.keys().filter(|p| !want.contains_key(p)).copied().collect();
+        // Node-local CIDR identities belong to policy, not to this stream.
+        let stale: BTreeSet<Ipv4Net> = have
+            .iter()
+            .filter(|(p, id)| !want.contains_key(p) && **id < crate::policy::CIDR_BASE)
+            .map(|(p, _)| *p)
+            .collect();
         for (prefix, id) in &want {
             if have.get(prefix) != Some(id) {
                 self.map.upsert(*prefix, *id)?;

@@ -6,6 +6,7 @@
 //! - [`endpoints`]: attaching pods (veth, addresses, routes, eBPF) and detaching them.
 //! - [`identity`]: identities of local pods, the node's lease, the ipcache map from the identity service's stream.
 //! - [`netlink`]: iproute2 invocations, in the node's or a pod's namespace.
+//! - [`policy`]: network policy from the policy service's stream into per-endpoint eBPF entries.
 //! - [`masquerade`]: nftables masquerading of traffic leaving the cluster.
 //! - [`api`]: the node's gRPC API (`membrane.node.v1.Node`).
 //! - [`agent`]: the daemon: registration, datapath, stream subscriptions, serving.
@@ -17,4 +18,5 @@ pub mod endpoints;
 pub mod identity;
 pub mod masquerade;
 pub mod netlink;
+pub mod policy;
 pub mod routes;

@@ -12,6 +12,7 @@
 
 mod bpf_support;
 
+use ipnet::Ipv4Net;
 use std::net::Ipv4Addr;
 
 use bpf_support::*;
@@ -363,7 +364,9 @@ fn host_delivers_traffic_from_another_node_to_a_local_pod() {
     if !privileged("host_delivers_traffic_from_another_node_to_a_local_pod") {
         return;
     }
-    let (_pins, dp) = setup(ALL_ON);
+    let (_pins, mut dp) = setup(ALL_ON);
+    // The sender is a pod of another node, known to the ipcache.
+    dp.upsert_ipcache(Ipv4Net::new(REMOTE_POD, 32).expect("prefix"), 300).expect("ipcache");
     let from_remote = Ipv4Frame {
         src_mac: PEER_NODE_MAC,
         dst_mac: UNDERLAY_MAC,
@@ -390,14 +393,38 @@ fn host_delivers_traffic_from_another_node_to_a_local_pod() {
 }
 
 #[test]
+fn host_hands_traffic_from_outside_the_cluster_to_the_stack() {
+    if !privileged("host_hands_traffic_from_outside_the_cluster_to_the_stack") {
+        return;
+    }
+    let (_pins, dp) = setup(ALL_ON);
+    // Not in the ipcache: the world. Its replies will leave through the
+    // stack, so its first packet must go through the stack's conntrack too.
+    let syn = Ipv4Frame {
+        src_mac: PEER_NODE_MAC,
+        dst_mac: UNDERLAY_MAC,
+        saddr: REMOTE_POD,
+        daddr: POD_A,
+        ttl: 63,
+    }
+    .tcp(50002, 8080, TCP_SYN);
+
+    let out = dp.test_run(Hook::Host, &syn).expect("run");
+
+    assert_eq!(out.verdict, TcVerdict::Ok);
+    assert_eq!(dp.metrics().expect("metrics").redirect_peer.packets, 0);
+}
+
+#[test]
 fn host_falls_back_to_redirect_neigh_which_leaves_l2_to_the_kernel() {
     if !privileged("host_falls_back_to_redirect_neigh_which_leaves_l2_to_the_kernel") {
         return;
     }
-    let (_pins, dp) = setup(DatapathOptions {
+    let (_pins, mut dp) = setup(DatapathOptions {
         redirect_peer: false,
         redirect_neigh: true,
     });
+    dp.upsert_ipcache(Ipv4Net::new(REMOTE_POD, 32).expect("prefix"), 300).expect("ipcache");
     let syn = Ipv4Frame {
         src_mac: PEER_NODE_MAC,
         dst_mac: UNDERLAY_MAC,

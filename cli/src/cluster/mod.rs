@@ -501,7 +501,29 @@ async fn start(
         },
     };
     info.save()?;
+    route_external_to_pods(&info, &cli_tls).await?;
     Ok((info, children))
+}
+
+/// Gives `external` a route to every node's pod CIDR via that node, as an
+/// upstream router that learned them would have: the world can then reach
+/// pods (and policy decides whether it may).
+async fn route_external_to_pods(info: &ClusterInfo, tls: &TlsFiles) -> anyhow::Result<()> {
+    let Some(ipam) = info.services.iter().find(|s| s.name == "ipam") else { return Ok(()) };
+    if !info.nodes.iter().any(|n| n.pid.is_some()) {
+        return Ok(());
+    }
+    let channel = membrane_runtime::grpc::connect(&ipam.endpoint, &ipam.server_name, Some(tls)).await?;
+    let nodes = membrane_proto::ipam::v1::ipam_client::IpamClient::new(channel)
+        .list_nodes(membrane_proto::ipam::v1::ListNodesRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("list nodes from ipam: {}", s.message()))?
+        .into_inner()
+        .nodes;
+    for n in nodes {
+        net::ip_in_netns(&info.external.netns, &["route", "replace", &n.pod_cidr, "via", &n.underlay_ip])?;
+    }
+    Ok(())
 }
 
 /// Environment every Membrane component gets: its mTLS files, log filter,
@@ -810,7 +832,8 @@ async fn teardown(state_dir: &Path) -> anyhow::Result<()> {
     let mut errors: Vec<String> = Vec::new();
 
     let entries = process::pid_entries(state_dir);
-    let mut state_dirs = vec!["etcd", "nodes", "pids"];
+    // Pods live in namespaces that go with the cluster; their records go too.
+    let mut state_dirs = vec!["etcd", "nodes", "pids", "pods", "launch"];
     match process::stop_all(&entries, components::program_of).await {
         Ok(killed) if !killed.is_empty() => {
             println!("killed after the grace period: {}", killed.join(", "));

@@ -177,3 +177,10 @@ pub fn ensure_bpffs() -> Result<bool, NetError> {
     .map_err(NetError::Mount)?;
     Ok(true)
 }
+
+/// Runs `ip ARGS` inside network namespace `netns` (`ip -n`).
+pub fn ip_in_netns(netns: &str, args: &[&str]) -> Result<String, NetError> {
+    let mut full = vec!["-n", netns];
+    full.extend_from_slice(args);
+    ip(&full)
+}

@@ -13,7 +13,13 @@ use super::status_err;
 use crate::client::Ctx;
 
 /// `(apiVersion, kind)` → owning service. A kind arrives with its issue.
-pub const KINDS: &[(&str, &str, &str)] = &[("v1", "Node", "ipam")];
+pub const KINDS: &[(&str, &str, &str)] = &[
+    ("v1", "Node", "ipam"),
+    ("cilium.io/v2", "CiliumNetworkPolicy", "policy"),
+    ("cilium.io/v2", "CiliumClusterwideNetworkPolicy", "policy"),
+    ("networking.k8s.io/v1", "NetworkPolicy", "policy"),
+    ("v1", "Namespace", "policy"),
+];
 
 /// One document read from a file.
 #[derive(Debug, Clone)]

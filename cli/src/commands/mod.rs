@@ -5,6 +5,7 @@ pub mod get;
 pub mod identities;
 pub mod ipam;
 pub mod pod;
+pub mod policy;
 pub mod status;
 
 /// Turns a gRPC status into an error that reads like the service's message.
