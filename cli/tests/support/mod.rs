@@ -281,3 +281,74 @@ pub fn spawn_in_netns(netns: &str, f: impl FnOnce() + Send + 'static) -> std::th
         f()
     })
 }
+
+/// TCP echo servers on `tcp_ports` and UDP echo servers on `udp_ports`,
+/// bound inside `netns` for the rest of the test process.
+pub fn echo_servers_on(netns: &str, tcp_ports: &[u16], udp_ports: &[u16]) {
+    use std::io::{Read as _, Write as _};
+    for &port in tcp_ports {
+        let (tx, rx) = std::sync::mpsc::channel();
+        spawn_in_netns(netns, move || {
+            let l = std::net::TcpListener::bind(("0.0.0.0", port)).expect("bind tcp");
+            tx.send(()).expect("ready");
+            for conn in l.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut conn = conn;
+                    let mut buf = [0u8; 512];
+                    while let Ok(n) = conn.read(&mut buf) {
+                        if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(5)).expect("tcp server up");
+    }
+    for &port in udp_ports {
+        let (tx, rx) = std::sync::mpsc::channel();
+        spawn_in_netns(netns, move || {
+            let s = std::net::UdpSocket::bind(("0.0.0.0", port)).expect("bind udp");
+            tx.send(()).expect("ready");
+            let mut buf = [0u8; 512];
+            while let Ok((n, peer)) = s.recv_from(&mut buf) {
+                let _ = s.send_to(&buf[..n], peer);
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(5)).expect("udp server up");
+    }
+}
+
+/// Whether a TCP round trip from inside `netns` to `ip:port` works
+/// (optionally from source address `bind`), within `timeout`.
+pub fn tcp_ok(netns: &str, ip: &str, port: u16, bind: Option<&str>, timeout: Duration) -> bool {
+    let mut addr = format!("TCP:{ip}:{port},connect-timeout={}", timeout.as_secs_f32());
+    if let Some(b) = bind {
+        addr.push_str(&format!(",bind={b}"));
+    }
+    let mut child = match Command::new("nsenter")
+        .args([&format!("--net=/run/netns/{netns}"), "socat", "-T", &format!("{}", timeout.as_secs_f32()), "-", &addr])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(_) => return false,
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = std::io::Write::write_all(&mut stdin, b"membrane\n");
+    }
+    child.wait_with_output().map(|o| o.status.success() && o.stdout == b"membrane\n").unwrap_or(false)
+}
+
+/// Whether one ping from inside `netns` to `ip` is answered within a second.
+pub fn ping_ok(netns: &str, ip: &str) -> bool {
+    Command::new("nsenter")
+        .args([&format!("--net=/run/netns/{netns}"), "ping", "-c", "1", "-W", "1", ip])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
