@@ -221,28 +221,67 @@ async fn run(cli: Cli) -> anyhow::Result<Exit> {
         Command::Down => cluster::down(&cli.state_dir).await?,
         Command::Restart { component } => cluster::restart(&cli.state_dir, &component).await?,
         Command::Status(o) => {
-            return Ok(if commands::status::run(&ctx()?, o.output).await? { Exit::Ok } else { Exit::Failed });
+            return Ok(if commands::status::run(&ctx()?, o.output).await? {
+                Exit::Ok
+            } else {
+                Exit::Failed
+            });
         }
-        Command::Get { what: GetCommand::Endpoints(o) } => commands::pod::endpoints(&ctx()?, o.output).await?,
-        Command::Pod { what: PodCommand::Run(args) } => commands::pod::run(&ctx()?, args).await?,
-        Command::Pod { what: PodCommand::Exec { name, namespace, command } } => {
-            return Ok(Exit::Code(commands::pod::exec(&ctx()?, &namespace, &name, &command)?));
+        Command::Get {
+            what: GetCommand::Endpoints(o),
+        } => commands::pod::endpoints(&ctx()?, o.output).await?,
+        Command::Pod {
+            what: PodCommand::Run(args),
+        } => commands::pod::run(&ctx()?, args).await?,
+        Command::Pod {
+            what:
+                PodCommand::Exec {
+                    name,
+                    namespace,
+                    command,
+                },
+        } => {
+            return Ok(Exit::Code(commands::pod::exec(
+                &ctx()?,
+                &namespace,
+                &name,
+                &command,
+            )?));
         }
-        Command::Pod { what: PodCommand::List(o) } => commands::pod::list(&ctx()?, o.output)?,
-        Command::Pod { what: PodCommand::Label { name, changes, namespace } } => {
-            commands::pod::label(&ctx()?, &namespace, &name, &changes).await?
-        }
-        Command::Get { what: GetCommand::Policies(o) } => commands::policy::get_policies(&ctx()?, o.output).await?,
-        Command::Policy { what: PolicyCommand::Trace { from, to, port } } => {
-            commands::policy::trace(&ctx()?, &from, &to, &port).await?
-        }
-        Command::Get { what: GetCommand::Identities(o) } => commands::identities::identities(&ctx()?, o.output).await?,
-        Command::Get { what: GetCommand::Ipcache { node, output } } => {
-            commands::pod::ipcache(&ctx()?, node.as_deref(), output.output).await?
-        }
-        Command::Pod { what: PodCommand::Rm { name, namespace } } => commands::pod::rm(&ctx()?, &namespace, &name).await?,
-        Command::Host { what: HostCommand::Exec { host, command } } => {
-            return Ok(Exit::Code(commands::pod::host_exec(&ctx()?, &host, &command)?));
+        Command::Pod {
+            what: PodCommand::List(o),
+        } => commands::pod::list(&ctx()?, o.output)?,
+        Command::Pod {
+            what:
+                PodCommand::Label {
+                    name,
+                    changes,
+                    namespace,
+                },
+        } => commands::pod::label(&ctx()?, &namespace, &name, &changes).await?,
+        Command::Get {
+            what: GetCommand::Policies(o),
+        } => commands::policy::get_policies(&ctx()?, o.output).await?,
+        Command::Policy {
+            what: PolicyCommand::Trace { from, to, port },
+        } => commands::policy::trace(&ctx()?, &from, &to, &port).await?,
+        Command::Get {
+            what: GetCommand::Identities(o),
+        } => commands::identities::identities(&ctx()?, o.output).await?,
+        Command::Get {
+            what: GetCommand::Ipcache { node, output },
+        } => commands::pod::ipcache(&ctx()?, node.as_deref(), output.output).await?,
+        Command::Pod {
+            what: PodCommand::Rm { name, namespace },
+        } => commands::pod::rm(&ctx()?, &namespace, &name).await?,
+        Command::Host {
+            what: HostCommand::Exec { host, command },
+        } => {
+            return Ok(Exit::Code(commands::pod::host_exec(
+                &ctx()?,
+                &host,
+                &command,
+            )?));
         }
         Command::Get {
             what: GetCommand::Nodes(o),

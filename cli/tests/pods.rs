@@ -50,20 +50,25 @@ fn round_trips(netns: &str, ip: &str) -> Result<(), String> {
     let ip: std::net::IpAddr = ip.parse().map_err(|e| format!("{e}"))?;
     in_netns(Some(netns), move || {
         let msg = b"membrane";
-        let mut tcp = TcpStream::connect_timeout(&SocketAddr::new(ip, TCP_PORT), Duration::from_secs(3))
-            .map_err(|e| format!("tcp connect {ip}: {e}"))?;
-        tcp.set_read_timeout(Some(Duration::from_secs(3))).map_err(|e| e.to_string())?;
+        let mut tcp =
+            TcpStream::connect_timeout(&SocketAddr::new(ip, TCP_PORT), Duration::from_secs(3))
+                .map_err(|e| format!("tcp connect {ip}: {e}"))?;
+        tcp.set_read_timeout(Some(Duration::from_secs(3)))
+            .map_err(|e| e.to_string())?;
         tcp.write_all(msg).map_err(|e| format!("tcp write: {e}"))?;
         let mut buf = [0u8; 8];
-        tcp.read_exact(&mut buf).map_err(|e| format!("tcp read from {ip}: {e}"))?;
+        tcp.read_exact(&mut buf)
+            .map_err(|e| format!("tcp read from {ip}: {e}"))?;
         if &buf != msg {
             return Err(format!("tcp echo from {ip} differs"));
         }
         let udp = UdpSocket::bind(("0.0.0.0", 0)).map_err(|e| e.to_string())?;
-        udp.set_read_timeout(Some(Duration::from_millis(700))).map_err(|e| e.to_string())?;
+        udp.set_read_timeout(Some(Duration::from_millis(700)))
+            .map_err(|e| e.to_string())?;
         // UDP may lose a datagram while neighbours resolve: a few tries.
         for _ in 0..4 {
-            udp.send_to(msg, SocketAddr::new(ip, UDP_PORT)).map_err(|e| format!("udp send: {e}"))?;
+            udp.send_to(msg, SocketAddr::new(ip, UDP_PORT))
+                .map_err(|e| format!("udp send: {e}"))?;
             if let Ok((n, _)) = udp.recv_from(&mut buf) {
                 if &buf[..n] == msg {
                     return Ok(());
@@ -75,7 +80,8 @@ fn round_trips(netns: &str, ip: &str) -> Result<(), String> {
 }
 
 fn pod_ip(cluster: &Cluster, name: &str) -> String {
-    let pods: Value = serde_json::from_str(&cluster.ok(&["pod", "list", "-o", "json"])).expect("json");
+    let pods: Value =
+        serde_json::from_str(&cluster.ok(&["pod", "list", "-o", "json"])).expect("json");
     pods["items"]
         .as_array()
         .and_then(|a| a.iter().find(|p| p["name"] == name))
@@ -85,18 +91,29 @@ fn pod_ip(cluster: &Cluster, name: &str) -> String {
 }
 
 fn endpoints(cluster: &Cluster) -> Vec<Value> {
-    let v: Value = serde_json::from_str(&cluster.ok(&["get", "endpoints", "-o", "json"])).expect("json");
+    let v: Value =
+        serde_json::from_str(&cluster.ok(&["get", "endpoints", "-o", "json"])).expect("json");
     v["items"].as_array().cloned().unwrap_or_default()
 }
 
 fn lxc_devices(node: &str) -> BTreeSet<String> {
     let out = Command::new("nsenter")
-        .args([&format!("--net=/run/netns/{node}"), "ip", "-o", "link", "show"])
+        .args([
+            &format!("--net=/run/netns/{node}"),
+            "ip",
+            "-o",
+            "link",
+            "show",
+        ])
         .output()
         .expect("ip link");
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .filter_map(|l| l.split(':').nth(1).map(|n| n.trim().split('@').next().unwrap_or("").to_string()))
+        .filter_map(|l| {
+            l.split(':')
+                .nth(1)
+                .map(|n| n.trim().split('@').next().unwrap_or("").to_string())
+        })
         .filter(|n| n.starts_with("lxc"))
         .collect()
 }
@@ -116,10 +133,25 @@ fn six_pods_on_two_nodes_reach_each_other_and_the_world_over_tcp_and_udp() {
     cluster.ok(&["up", "--nodes", "2", "--detach"]);
     let pods = ["a1", "a2", "a3", "b1", "b2", "b3"];
     for p in pods {
-        let node = if p.starts_with('a') { "node-1" } else { "node-2" };
-        cluster.ok(&["pod", "run", p, "--node", node, "--labels", &format!("app={p}")]);
+        let node = if p.starts_with('a') {
+            "node-1"
+        } else {
+            "node-2"
+        };
+        cluster.ok(&[
+            "pod",
+            "run",
+            p,
+            "--node",
+            node,
+            "--labels",
+            &format!("app={p}"),
+        ]);
     }
-    let mut targets: Vec<(String, String)> = pods.iter().map(|p| (p.to_string(), pod_ip(&cluster, p))).collect();
+    let mut targets: Vec<(String, String)> = pods
+        .iter()
+        .map(|p| (p.to_string(), pod_ip(&cluster, p)))
+        .collect();
     for p in pods {
         echo_servers(&format!("pod-default-{p}"));
     }
@@ -137,7 +169,11 @@ fn six_pods_on_two_nodes_reach_each_other_and_the_world_over_tcp_and_udp() {
             }
         }
     }
-    assert!(failures.is_empty(), "connectivity failures:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "connectivity failures:\n{}",
+        failures.join("\n")
+    );
 
     // Our programs are attached to every pod veth and both underlay devices,
     // as bpftool sees the pinned tcx links.
@@ -145,10 +181,25 @@ fn six_pods_on_two_nodes_reach_each_other_and_the_world_over_tcp_and_udp() {
     assert_eq!(eps.len(), 6);
     assert!(eps.iter().all(|e| e["programmed"] == true), "{eps:?}");
     for e in &eps {
-        let pin = format!("/sys/fs/bpf/membrane/{}/links/lxc_ingress_{}", e["node"].as_str().expect("node"), e["hostIfindex"]);
-        let out = Command::new("bpftool").args(["link", "show", "pinned", &pin]).output().expect("bpftool");
-        assert!(out.status.success(), "bpftool link show pinned {pin}: {}", String::from_utf8_lossy(&out.stderr));
-        assert!(String::from_utf8_lossy(&out.stdout).contains("prog"), "{}", String::from_utf8_lossy(&out.stdout));
+        let pin = format!(
+            "/sys/fs/bpf/membrane/{}/links/lxc_ingress_{}",
+            e["node"].as_str().expect("node"),
+            e["hostIfindex"]
+        );
+        let out = Command::new("bpftool")
+            .args(["link", "show", "pinned", &pin])
+            .output()
+            .expect("bpftool");
+        assert!(
+            out.status.success(),
+            "bpftool link show pinned {pin}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("prog"),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
     }
     for node in ["node-1", "node-2"] {
         let pins: Vec<_> = std::fs::read_dir(format!("/sys/fs/bpf/membrane/{node}/links"))
@@ -166,7 +217,11 @@ fn six_pods_on_two_nodes_reach_each_other_and_the_world_over_tcp_and_udp() {
     cluster.ok(&["pod", "rm", "a3"]);
     assert!(!netns_exists("pod-default-a3"));
     assert_eq!(lxc_devices("node-1").len(), before_devices.len() - 1);
-    assert!(!endpoints(&cluster).iter().any(|e| e["address"] == format!("{a3_ip}/32")));
+    assert!(
+        !endpoints(&cluster)
+            .iter()
+            .any(|e| e["address"] == format!("{a3_ip}/32"))
+    );
     let ipam = cluster.ok(&["get", "ipam"]);
     assert!(!ipam.contains(&a3_ip), "{ipam}");
     assert_eq!(allocations(&cluster), 5);
@@ -186,13 +241,18 @@ fn restarting_a_node_datapath_does_not_break_a_running_tcp_stream() {
     cluster.ok(&["pod", "run", "server", "--node", "node-2"]);
     let server_ip = pod_ip(&cluster, "server");
     let mut server = cluster
-        .command(&["pod", "exec", "server", "--", "iperf3", "-s", "-1", "-p", "5201"])
+        .command(&[
+            "pod", "exec", "server", "--", "iperf3", "-s", "-1", "-p", "5201",
+        ])
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("iperf3 server");
     std::thread::sleep(Duration::from_millis(500));
     let client = cluster
-        .command(&["pod", "exec", "client", "--", "iperf3", "-c", &server_ip, "-p", "5201", "-t", "6", "-J"])
+        .command(&[
+            "pod", "exec", "client", "--", "iperf3", "-c", &server_ip, "-p", "5201", "-t", "6",
+            "-J",
+        ])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("iperf3 client");
@@ -202,11 +262,23 @@ fn restarting_a_node_datapath_does_not_break_a_running_tcp_stream() {
     let out = client.wait_with_output().expect("iperf3 client");
     let _ = server.wait();
     let report: Value = serde_json::from_slice(&out.stdout).expect("iperf3 json");
-    assert!(out.status.success() && report.get("error").is_none(), "iperf3: {report}");
+    assert!(
+        out.status.success() && report.get("error").is_none(),
+        "iperf3: {report}"
+    );
     let sent = report["end"]["sum_sent"]["bytes"].as_u64().unwrap_or(0);
     let received = report["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
-    assert!(received > 0 && received + 64 * 1024 * 1024 >= sent, "sent {sent}, received {received}");
-    eprintln!("iperf3 across two datapath restarts: {:.2} Gbit/s", report["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9);
+    assert!(
+        received > 0 && received + 64 * 1024 * 1024 >= sent,
+        "sent {sent}, received {received}"
+    );
+    eprintln!(
+        "iperf3 across two datapath restarts: {:.2} Gbit/s",
+        report["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .unwrap_or(0.0)
+            / 1e9
+    );
 }
 
 #[test]
@@ -236,7 +308,11 @@ fn fifty_pods_started_and_removed_in_parallel_get_distinct_addresses_and_leak_no
     let mut ips = BTreeSet::new();
     for (child, name) in children.into_iter().zip(&names) {
         let out = child.wait_with_output().expect("pod run");
-        assert!(out.status.success(), "pod run {name}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "pod run {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         ips.insert(String::from_utf8_lossy(&out.stdout).trim().to_string());
     }
     eprintln!("50 parallel pod runs took {:?}", started.elapsed());
@@ -247,7 +323,9 @@ fn fifty_pods_started_and_removed_in_parallel_get_distinct_addresses_and_leak_no
         .iter()
         .map(|ip| {
             cluster
-                .command(&["pod", "exec", "prober", "--", "ping", "-c", "1", "-W", "3", ip])
+                .command(&[
+                    "pod", "exec", "prober", "--", "ping", "-c", "1", "-W", "3", ip,
+                ])
                 .stdout(std::process::Stdio::null())
                 .spawn()
                 .expect("ping")
@@ -262,11 +340,22 @@ fn fifty_pods_started_and_removed_in_parallel_get_distinct_addresses_and_leak_no
 
     let children: Vec<_> = names
         .iter()
-        .map(|n| cluster.command(&["pod", "rm", n]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().expect("rm"))
+        .map(|n| {
+            cluster
+                .command(&["pod", "rm", n])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("rm")
+        })
         .collect();
     for (child, name) in children.into_iter().zip(&names) {
         let out = child.wait_with_output().expect("pod rm");
-        assert!(out.status.success(), "pod rm {name}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "pod rm {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     // Only the prober is left: one address, one device, one map entry, one pod namespace.
     assert_eq!(allocations(&cluster), 1);

@@ -20,7 +20,12 @@ fn eventually(what: &str, expect: bool, mut probe: impl FnMut() -> bool) {
         if got == expect {
             return;
         }
-        assert!(Instant::now() < deadline, "{what}: expected {}, still {}", verdict(expect), verdict(got));
+        assert!(
+            Instant::now() < deadline,
+            "{what}: expected {}, still {}",
+            verdict(expect),
+            verdict(got)
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -36,7 +41,8 @@ fn write(dir: &std::path::Path, name: &str, yaml: &str) -> String {
 }
 
 fn pod_ip(cluster: &Cluster, name: &str, ns: &str) -> String {
-    let v: serde_json::Value = serde_json::from_str(&cluster.ok(&["pod", "list", "-o", "json"])).expect("json");
+    let v: serde_json::Value =
+        serde_json::from_str(&cluster.ok(&["pod", "list", "-o", "json"])).expect("json");
     v["items"]
         .as_array()
         .and_then(|a| a.iter().find(|p| p["name"] == name && p["namespace"] == ns))
@@ -57,10 +63,29 @@ fn cilium_deny_policies_lockdown_cidr_precedence_network_policy_and_bad_files() 
         return;
     }
     let cluster = Cluster::new();
-    assert!(cluster.has("membrane-policy"), "this test needs the policy service");
+    assert!(
+        cluster.has("membrane-policy"),
+        "this test needs the policy service"
+    );
     cluster.ok(&["up", "--nodes", "2", "--detach"]);
-    cluster.ok(&["pod", "run", "server", "--node", "node-1", "--labels", "app=server"]);
-    cluster.ok(&["pod", "run", "client", "--node", "node-2", "--labels", "app=client"]);
+    cluster.ok(&[
+        "pod",
+        "run",
+        "server",
+        "--node",
+        "node-1",
+        "--labels",
+        "app=server",
+    ]);
+    cluster.ok(&[
+        "pod",
+        "run",
+        "client",
+        "--node",
+        "node-2",
+        "--labels",
+        "app=client",
+    ]);
     let server = pod_ip(&cluster, "server", "default");
     echo_servers_on("pod-default-server", &[80, 81], &[53]);
     let dir = tempfile::tempdir().expect("tmp");
@@ -72,9 +97,15 @@ fn cilium_deny_policies_lockdown_cidr_precedence_network_policy_and_bad_files() 
     );
     let probes = |label: &str, p81: bool, p80: bool, ping: bool| {
         let s = server.clone();
-        eventually(&format!("{label}: client -> server:81"), p81, || tcp_ok("pod-default-client", &s, 81, None, PROBE));
-        eventually(&format!("{label}: client -> server:80"), p80, || tcp_ok("pod-default-client", &s, 80, None, PROBE));
-        eventually(&format!("{label}: client -> server ping"), ping, || ping_ok("pod-default-client", &s));
+        eventually(&format!("{label}: client -> server:81"), p81, || {
+            tcp_ok("pod-default-client", &s, 81, None, PROBE)
+        });
+        eventually(&format!("{label}: client -> server:80"), p80, || {
+            tcp_ok("pod-default-client", &s, 80, None, PROBE)
+        });
+        eventually(&format!("{label}: client -> server ping"), ping, || {
+            ping_ok("pod-default-client", &s)
+        });
     };
 
     // Cilium's deny-policy table: every cell.
@@ -98,8 +129,20 @@ fn cilium_deny_policies_lockdown_cidr_precedence_network_policy_and_bad_files() 
 
     // `policy trace` explains a verdict with the deciding rule.
     cluster.ok(&["apply", "-f", &deny_l4]);
-    let trace = cluster.ok(&["policy", "trace", "--from", "pod/default/client", "--to", "pod/default/server", "--port", "80/TCP"]);
-    assert!(trace.contains("DENIED") && trace.contains("deny-l4-80"), "{trace}");
+    let trace = cluster.ok(&[
+        "policy",
+        "trace",
+        "--from",
+        "pod/default/client",
+        "--to",
+        "pod/default/server",
+        "--port",
+        "80/TCP",
+    ]);
+    assert!(
+        trace.contains("DENIED") && trace.contains("deny-l4-80"),
+        "{trace}"
+    );
     cluster.ok(&["delete", "-f", &deny_l4]);
 
     // Cluster-wide lockdown: the world is denied, pods still reach each other.
@@ -108,13 +151,26 @@ fn cilium_deny_policies_lockdown_cidr_precedence_network_policy_and_bad_files() 
         "lockdown.yaml",
         "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: lockdown}\nspec:\n  endpointSelector: {}\n  ingressDeny:\n  - fromEntities: [world]\n  ingress:\n  - fromEntities: [all]\n",
     );
-    eventually("external -> server before lockdown", true, || tcp_ok("external", &server, 80, None, PROBE));
+    eventually("external -> server before lockdown", true, || {
+        tcp_ok("external", &server, 80, None, PROBE)
+    });
     cluster.ok(&["apply", "-f", &lockdown]);
-    eventually("external -> server under lockdown", false, || tcp_ok("external", &server, 80, None, PROBE));
-    eventually("client -> server under lockdown", true, || tcp_ok("pod-default-client", &server, 80, None, PROBE));
+    eventually("external -> server under lockdown", false, || {
+        tcp_ok("external", &server, 80, None, PROBE)
+    });
+    eventually("client -> server under lockdown", true, || {
+        tcp_ok("pod-default-client", &server, 80, None, PROBE)
+    });
     eventually("client -> server udp under lockdown", true, || {
         Command::new("nsenter")
-            .args(["--net=/run/netns/pod-default-client", "socat", "-T", "1", "-", &format!("UDP:{server}:53")])
+            .args([
+                "--net=/run/netns/pod-default-client",
+                "socat",
+                "-T",
+                "1",
+                "-",
+                &format!("UDP:{server}:53"),
+            ])
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .spawn()
@@ -131,9 +187,29 @@ fn cilium_deny_policies_lockdown_cidr_precedence_network_policy_and_bad_files() 
 
     // CIDR precedence, with addresses that live in `external`.
     for a in ["192.0.2.3/32", "192.0.2.4/32"] {
-        assert!(Command::new("ip").args(["-n", "external", "addr", "add", a, "dev", "eth0"]).status().expect("ip").success());
+        assert!(
+            Command::new("ip")
+                .args(["-n", "external", "addr", "add", a, "dev", "eth0"])
+                .status()
+                .expect("ip")
+                .success()
+        );
     }
-    assert!(Command::new("ip").args(["-n", "node-1", "route", "add", "192.0.2.0/24", "via", "10.99.0.200"]).status().expect("ip").success());
+    assert!(
+        Command::new("ip")
+            .args([
+                "-n",
+                "node-1",
+                "route",
+                "add",
+                "192.0.2.0/24",
+                "via",
+                "10.99.0.200"
+            ])
+            .status()
+            .expect("ip")
+            .success()
+    );
     let from = |src: &'static str| {
         let s = server.clone();
         move || tcp_ok("external", &s, 80, Some(src), PROBE)
@@ -160,30 +236,70 @@ fn cilium_deny_policies_lockdown_cidr_precedence_network_policy_and_bad_files() 
     // An invalid file changes nothing: the probes read the same after it.
     cluster.ok(&["apply", "-f", &allow_l4]);
     cluster.ok(&["apply", "-f", &deny_l4]);
-    eventually("deny L4 80 before the bad file", false, || tcp_ok("pod-default-client", &server, 80, None, PROBE));
-    eventually("allow L4 81 before the bad file", true, || tcp_ok("pod-default-client", &server, 81, None, PROBE));
+    eventually("deny L4 80 before the bad file", false, || {
+        tcp_ok("pod-default-client", &server, 80, None, PROBE)
+    });
+    eventually("allow L4 81 before the bad file", true, || {
+        tcp_ok("pod-default-client", &server, 81, None, PROBE)
+    });
     let bad = write(
         dir.path(),
         "bad.yaml",
-        &format!("{DENY_L3}---\napiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: broken, namespace: default}}\nspec:\n  endpointSelector: {{}}\n  ingress:\n  - toPorts:\n    - ports: [{{port: \"99999\"}}]\n"),
+        &format!(
+            "{DENY_L3}---\napiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: broken, namespace: default}}\nspec:\n  endpointSelector: {{}}\n  ingress:\n  - toPorts:\n    - ports: [{{port: \"99999\"}}]\n"
+        ),
     );
     let out = cluster.run(&["apply", "-f", &bad]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("bad.yaml#2") && err.contains("spec.ingress[0].toPorts[0].ports[0].port"), "{err}");
-    assert!(!cluster.ok(&["get", "policies"]).contains("deny-l3-client"), "nothing from the bad file was stored");
+    assert!(
+        err.contains("bad.yaml#2") && err.contains("spec.ingress[0].toPorts[0].ports[0].port"),
+        "{err}"
+    );
+    assert!(
+        !cluster.ok(&["get", "policies"]).contains("deny-l3-client"),
+        "nothing from the bad file was stored"
+    );
     // Had the valid first document (deny L3 client) been applied, 81 would be denied.
     std::thread::sleep(Duration::from_secs(1));
-    assert!(tcp_ok("pod-default-client", &server, 81, None, PROBE), "port 81 still allowed after the bad file");
-    assert!(!tcp_ok("pod-default-client", &server, 80, None, PROBE), "port 80 still denied after the bad file");
+    assert!(
+        tcp_ok("pod-default-client", &server, 81, None, PROBE),
+        "port 81 still allowed after the bad file"
+    );
+    assert!(
+        !tcp_ok("pod-default-client", &server, 80, None, PROBE),
+        "port 80 still denied after the bad file"
+    );
     cluster.ok(&["delete", "-f", &deny_l4]);
     cluster.ok(&["delete", "-f", &allow_l4]);
 
     // Kubernetes NetworkPolicy: default-deny in a namespace, then allow one
     // port from pods of labelled namespaces; ipBlock with except.
-    cluster.ok(&["pod", "run", "web", "-n", "team-a", "--node", "node-1", "--labels", "app=web"]);
-    cluster.ok(&["pod", "run", "cli", "-n", "team-b", "--node", "node-2", "--labels", "app=client"]);
-    cluster.ok(&["pod", "run", "cli", "-n", "team-c", "--node", "node-2", "--labels", "app=client"]);
+    cluster.ok(&[
+        "pod", "run", "web", "-n", "team-a", "--node", "node-1", "--labels", "app=web",
+    ]);
+    cluster.ok(&[
+        "pod",
+        "run",
+        "cli",
+        "-n",
+        "team-b",
+        "--node",
+        "node-2",
+        "--labels",
+        "app=client",
+    ]);
+    cluster.ok(&[
+        "pod",
+        "run",
+        "cli",
+        "-n",
+        "team-c",
+        "--node",
+        "node-2",
+        "--labels",
+        "app=client",
+    ]);
     let web = pod_ip(&cluster, "web", "team-a");
     echo_servers_on("pod-team-a-web", &[80, 8080], &[]);
     let knp = write(
@@ -192,14 +308,42 @@ fn cilium_deny_policies_lockdown_cidr_precedence_network_policy_and_bad_files() 
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: team-b, labels: {team: b}}\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: default-deny, namespace: team-a}\nspec:\n  podSelector: {}\n  policyTypes: [Ingress]\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: allow-b-clients, namespace: team-a}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {team: b}}\n      podSelector: {matchLabels: {app: client}}\n    ports: [{port: 80, protocol: TCP}]\n  - from:\n    - ipBlock: {cidr: 192.0.2.0/24, except: [192.0.2.4/32]}\n",
     );
     cluster.ok(&["apply", "-f", &knp]);
-    assert!(Command::new("ip").args(["-n", "node-1", "route", "replace", "192.0.2.0/24", "via", "10.99.0.200"]).status().expect("ip").success());
-    eventually("team-b client -> web:80", true, || tcp_ok("pod-team-b-cli", &web, 80, None, PROBE));
-    eventually("team-b client -> web:8080", false, || tcp_ok("pod-team-b-cli", &web, 8080, None, PROBE));
-    eventually("team-c client -> web:80", false, || tcp_ok("pod-team-c-cli", &web, 80, None, PROBE));
-    eventually("default/client -> web:80", false, || tcp_ok("pod-default-client", &web, 80, None, PROBE));
+    assert!(
+        Command::new("ip")
+            .args([
+                "-n",
+                "node-1",
+                "route",
+                "replace",
+                "192.0.2.0/24",
+                "via",
+                "10.99.0.200"
+            ])
+            .status()
+            .expect("ip")
+            .success()
+    );
+    eventually("team-b client -> web:80", true, || {
+        tcp_ok("pod-team-b-cli", &web, 80, None, PROBE)
+    });
+    eventually("team-b client -> web:8080", false, || {
+        tcp_ok("pod-team-b-cli", &web, 8080, None, PROBE)
+    });
+    eventually("team-c client -> web:80", false, || {
+        tcp_ok("pod-team-c-cli", &web, 80, None, PROBE)
+    });
+    eventually("default/client -> web:80", false, || {
+        tcp_ok("pod-default-client", &web, 80, None, PROBE)
+    });
     let w = web.clone();
-    eventually("ipBlock 192.0.2.3 -> web:8080", true, move || tcp_ok("external", &w, 8080, Some("192.0.2.3"), PROBE));
-    eventually("ipBlock except 192.0.2.4 -> web", false, || tcp_ok("external", &web, 8080, Some("192.0.2.4"), PROBE));
+    eventually("ipBlock 192.0.2.3 -> web:8080", true, move || {
+        tcp_ok("external", &w, 8080, Some("192.0.2.3"), PROBE)
+    });
+    eventually("ipBlock except 192.0.2.4 -> web", false, || {
+        tcp_ok("external", &web, 8080, Some("192.0.2.4"), PROBE)
+    });
     // default/server has no policy: still open.
-    eventually("default/server unaffected", true, || tcp_ok("pod-default-client", &server, 80, None, PROBE));
+    eventually("default/server unaffected", true, || {
+        tcp_ok("pod-default-client", &server, 80, None, PROBE)
+    });
 }

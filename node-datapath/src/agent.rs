@@ -64,13 +64,21 @@ pub struct Args {
     #[arg(long, env = "MEMBRANE_IDENTITY_ENDPOINT")]
     pub identity_endpoint: Option<String>,
     /// Name the identity service's certificate carries.
-    #[arg(long, env = "MEMBRANE_IDENTITY_SERVER_NAME", default_value = "identity.membrane.local")]
+    #[arg(
+        long,
+        env = "MEMBRANE_IDENTITY_SERVER_NAME",
+        default_value = "identity.membrane.local"
+    )]
     pub identity_server_name: String,
     /// Policy service URL; without it no policy is enforced.
     #[arg(long, env = "MEMBRANE_POLICY_ENDPOINT")]
     pub policy_endpoint: Option<String>,
     /// Name the policy service's certificate carries.
-    #[arg(long, env = "MEMBRANE_POLICY_SERVER_NAME", default_value = "policy.membrane.local")]
+    #[arg(
+        long,
+        env = "MEMBRANE_POLICY_SERVER_NAME",
+        default_value = "policy.membrane.local"
+    )]
     pub policy_server_name: String,
     /// bpffs directory for this node's pins.
     #[arg(
@@ -108,19 +116,26 @@ pub enum Delivery {
 pub async fn main(args: Args) -> anyhow::Result<()> {
     let _telemetry = telemetry::init("membrane-node-datapath", &args.telemetry)?;
     let tls = args.tls.files()?;
-    let ipam_channel = rpc::connect_lazy(&args.ipam_endpoint, &args.ipam_server_name, tls.as_ref())?;
+    let ipam_channel =
+        rpc::connect_lazy(&args.ipam_endpoint, &args.ipam_server_name, tls.as_ref())?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("bind {}", args.listen))?;
 
     let node = register(&args, ipam_channel.clone()).await?;
-    let pod_cidr: Ipv4Net = node.pod_cidr.parse().with_context(|| format!("ipam gave pod CIDR `{}`", node.pod_cidr))?;
+    let pod_cidr: Ipv4Net = node
+        .pod_cidr
+        .parse()
+        .with_context(|| format!("ipam gave pod CIDR `{}`", node.pod_cidr))?;
     let pool = ipam::ipam_client::IpamClient::new(ipam_channel.clone())
         .get_pool(ipam::GetPoolRequest {})
         .await
         .map_err(|s| anyhow::anyhow!("ipam pool: {}", s.message()))?
         .into_inner();
-    let cluster_cidr: Ipv4Net = pool.cluster_cidr.parse().with_context(|| format!("ipam gave cluster CIDR `{}`", pool.cluster_cidr))?;
+    let cluster_cidr: Ipv4Net = pool
+        .cluster_cidr
+        .parse()
+        .with_context(|| format!("ipam gave cluster CIDR `{}`", pool.cluster_cidr))?;
     tracing::info!(node = %node.node, pod_cidr = %pod_cidr, cluster_cidr = %cluster_cidr, "registered with ipam");
 
     // The datapath: load (adopting pinned maps), attach to the underlay.
@@ -132,23 +147,35 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
         (false, true) => "redirect_neigh",
         (false, false) => "stack",
     };
-    let mut datapath = bpf::Datapath::load(&args.bpf_pin_dir, &opts).context("load eBPF datapath")?;
+    let mut datapath =
+        bpf::Datapath::load(&args.bpf_pin_dir, &opts).context("load eBPF datapath")?;
     let underlay_ifindex = nix::net::if_::if_nametoindex(args.underlay_dev.as_str())
         .with_context(|| format!("underlay device `{}`", args.underlay_dev))?;
-    let mode = datapath.attach(bpf::Hook::Host, underlay_ifindex).context("attach bpf_host to the underlay")?;
+    let mode = datapath
+        .attach(bpf::Hook::Host, underlay_ifindex)
+        .context("attach bpf_host to the underlay")?;
     tracing::info!(delivery, ?mode, dev = %args.underlay_dev, "datapath loaded");
     let datapath = Arc::new(Mutex::new(datapath));
 
-    masquerade::install(pod_cidr, cluster_cidr, &args.underlay_dev).context("install masquerading (nftables)")?;
+    masquerade::install(pod_cidr, cluster_cidr, &args.underlay_dev)
+        .context("install masquerading (nftables)")?;
 
-    let net = NodeNet { pod_cidr, gateway: Ipv4Addr::from(u32::from(pod_cidr.network()) + 1) };
+    let net = NodeNet {
+        pod_cidr,
+        gateway: Ipv4Addr::from(u32::from(pod_cidr.network()) + 1),
+    };
     let identity = match &args.identity_endpoint {
         Some(url) => {
             let channel = rpc::connect_lazy(url, &args.identity_server_name, tls.as_ref())?;
-            Some((IdentityClient::new(args.node_name.clone(), channel.clone()), channel))
+            Some((
+                IdentityClient::new(args.node_name.clone(), channel.clone()),
+                channel,
+            ))
         }
         None => {
-            tracing::warn!("no identity service configured: pods get identity 0 and the ipcache stays empty");
+            tracing::warn!(
+                "no identity service configured: pods get identity 0 and the ipcache stays empty"
+            );
             None
         }
     };
@@ -166,19 +193,46 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
     // Desired state from the services.
     let (applied_tx, applied_rx) = watch::channel(BTreeMap::new());
     let mut tasks = Vec::new();
-    let routes = RouteSink::new(args.node_name.clone(), IpRouteTable { dev: args.underlay_dev.clone() });
-    tasks.push(subscribe(&args.node_name, "ipam", ipam_channel, routes, &applied_tx));
+    let routes = RouteSink::new(
+        args.node_name.clone(),
+        IpRouteTable {
+            dev: args.underlay_dev.clone(),
+        },
+    );
+    tasks.push(subscribe(
+        &args.node_name,
+        "ipam",
+        ipam_channel,
+        routes,
+        &applied_tx,
+    ));
     if let Some((client, channel)) = identity {
         // Pods cannot get identities before the node holds a lease.
         first_lease(&client).await?;
         let sink = IpcacheSink::new(args.node_name.clone(), DatapathIpcache(datapath.clone()));
-        tasks.push(subscribe(&args.node_name, "identity", channel, sink, &applied_tx));
-        tasks.push(tokio::spawn(keep_lease(client, args.underlay_ip, endpoints.clone())));
+        tasks.push(subscribe(
+            &args.node_name,
+            "identity",
+            channel,
+            sink,
+            &applied_tx,
+        ));
+        tasks.push(tokio::spawn(keep_lease(
+            client,
+            args.underlay_ip,
+            endpoints.clone(),
+        )));
     }
     match &args.policy_endpoint {
         Some(url) => {
             let channel = rpc::connect_lazy(url, &args.policy_server_name, tls.as_ref())?;
-            tasks.push(subscribe(&args.node_name, "policy", channel, PolicySink::new(endpoints.clone()), &applied_tx));
+            tasks.push(subscribe(
+                &args.node_name,
+                "policy",
+                channel,
+                PolicySink::new(endpoints.clone()),
+                &applied_tx,
+            ));
         }
         None => tracing::warn!("no policy service configured: no network policy is enforced"),
     }
@@ -186,11 +240,14 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
     let facts = NodeFacts {
         underlay_ip: args.underlay_ip.to_string(),
         cluster_cidr: cluster_cidr.to_string(),
-        features: [("redirect_peer", features.redirect_peer), ("redirect_neigh", features.redirect_neigh)]
-            .into_iter()
-            .filter(|(_, on)| *on)
-            .map(|(n, _)| n.to_string())
-            .collect(),
+        features: [
+            ("redirect_peer", features.redirect_peer),
+            ("redirect_neigh", features.redirect_neigh),
+        ]
+        .into_iter()
+        .filter(|(_, on)| *on)
+        .map(|(n, _)| n.to_string())
+        .collect(),
         delivery: delivery.into(),
     };
     let api = NodeApi::new(endpoints, datapath, facts, applied_rx);
@@ -247,13 +304,20 @@ const HEARTBEAT: Duration = Duration::from_secs(5);
 /// Keeps the node's identity lease alive; whenever the lease is new (first
 /// start, or the old one expired while the service or etcd was away),
 /// records the node's address and every local endpoint again.
-async fn keep_lease(client: IdentityClient, underlay_ip: Ipv4Addr, endpoints: Arc<EndpointManager>) {
+async fn keep_lease(
+    client: IdentityClient,
+    underlay_ip: Ipv4Addr,
+    endpoints: Arc<EndpointManager>,
+) {
     let mut recorded = false;
     loop {
         match client.heartbeat().await {
             Ok(new_lease) => {
                 if new_lease || !recorded {
-                    let node_ip = client.register_node_ip(underlay_ip).await.map_err(|s| s.message().to_string());
+                    let node_ip = client
+                        .register_node_ip(underlay_ip)
+                        .await
+                        .map_err(|s| s.message().to_string());
                     let eps = endpoints.rerecord().await.map_err(|e| e.to_string());
                     recorded = node_ip.is_ok() && eps.is_ok();
                     if let Err(e) = node_ip.and(eps) {
@@ -263,7 +327,12 @@ async fn keep_lease(client: IdentityClient, underlay_ip: Ipv4Addr, endpoints: Ar
             }
             Err(s) => tracing::warn!(error = %s.message(), "identity heartbeat failed"),
         }
-        tokio::time::sleep(if recorded { HEARTBEAT } else { Duration::from_millis(500) }).await;
+        tokio::time::sleep(if recorded {
+            HEARTBEAT
+        } else {
+            Duration::from_millis(500)
+        })
+        .await;
     }
 }
 
@@ -289,15 +358,22 @@ struct DatapathIpcache(Arc<Mutex<bpf::Datapath>>);
 impl IpcacheMap for DatapathIpcache {
     fn entries(&mut self) -> Result<BTreeMap<Ipv4Net, u32>, String> {
         let dp = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(dp.ipcache().map_err(|e| format!("{e:#}"))?.into_iter().collect())
+        Ok(dp
+            .ipcache()
+            .map_err(|e| format!("{e:#}"))?
+            .into_iter()
+            .collect())
     }
     fn upsert(&mut self, prefix: Ipv4Net, identity: u32) -> Result<(), String> {
         let mut dp = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        dp.upsert_ipcache(prefix, identity).map_err(|e| format!("{e:#}"))
+        dp.upsert_ipcache(prefix, identity)
+            .map_err(|e| format!("{e:#}"))
     }
     fn remove(&mut self, prefix: Ipv4Net) -> Result<(), String> {
         let mut dp = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        dp.remove_ipcache(prefix).map(drop).map_err(|e| format!("{e:#}"))
+        dp.remove_ipcache(prefix)
+            .map(drop)
+            .map_err(|e| format!("{e:#}"))
     }
 }
 
@@ -305,14 +381,29 @@ fn datapath_options(delivery: Delivery, f: &bpf::Features) -> anyhow::Result<bpf
     Ok(match delivery {
         Delivery::Auto => bpf::DatapathOptions::from_features(f),
         Delivery::RedirectPeer => {
-            anyhow::ensure!(f.redirect_peer, "--delivery redirect-peer: this kernel has no bpf_redirect_peer");
-            bpf::DatapathOptions { redirect_peer: true, redirect_neigh: f.redirect_neigh }
+            anyhow::ensure!(
+                f.redirect_peer,
+                "--delivery redirect-peer: this kernel has no bpf_redirect_peer"
+            );
+            bpf::DatapathOptions {
+                redirect_peer: true,
+                redirect_neigh: f.redirect_neigh,
+            }
         }
         Delivery::RedirectNeigh => {
-            anyhow::ensure!(f.redirect_neigh, "--delivery redirect-neigh: this kernel has no bpf_redirect_neigh");
-            bpf::DatapathOptions { redirect_peer: false, redirect_neigh: true }
+            anyhow::ensure!(
+                f.redirect_neigh,
+                "--delivery redirect-neigh: this kernel has no bpf_redirect_neigh"
+            );
+            bpf::DatapathOptions {
+                redirect_peer: false,
+                redirect_neigh: true,
+            }
         }
-        Delivery::Stack => bpf::DatapathOptions { redirect_peer: false, redirect_neigh: false },
+        Delivery::Stack => bpf::DatapathOptions {
+            redirect_peer: false,
+            redirect_neigh: false,
+        },
     })
 }
 /// Registers the node with IPAM, retrying while IPAM is unreachable.

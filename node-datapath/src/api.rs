@@ -14,7 +14,9 @@ use crate::endpoints::{AddRequest, EndpointError, EndpointManager, EndpointRecor
 
 impl std::fmt::Debug for NodeApi {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NodeApi").field("endpoints", &self.endpoints).finish()
+        f.debug_struct("NodeApi")
+            .field("endpoints", &self.endpoints)
+            .finish()
     }
 }
 
@@ -27,8 +29,12 @@ impl From<EndpointError> for Status {
             EndpointError::NotFound { .. } => Status::not_found(msg),
             EndpointError::Drifted { .. } => Status::failed_precondition(msg),
             EndpointError::Ipam(s) => Status::new(s.code(), format!("ipam: {}", s.message())),
-            EndpointError::Identity(s) => Status::new(s.code(), format!("identity: {}", s.message())),
-            EndpointError::Netlink(_) | EndpointError::Datapath(_) | EndpointError::State { .. } => Status::internal(msg),
+            EndpointError::Identity(s) => {
+                Status::new(s.code(), format!("identity: {}", s.message()))
+            }
+            EndpointError::Netlink(_)
+            | EndpointError::Datapath(_)
+            | EndpointError::State { .. } => Status::internal(msg),
         }
     }
 }
@@ -63,7 +69,12 @@ impl NodeApi {
         facts: NodeFacts,
         applied: watch::Receiver<BTreeMap<String, u64>>,
     ) -> pb::node_server::NodeServer<Self> {
-        pb::node_server::NodeServer::new(Self { endpoints, datapath, facts, applied })
+        pb::node_server::NodeServer::new(Self {
+            endpoints,
+            datapath,
+            facts,
+            applied,
+        })
     }
 
     fn to_pb(&self, r: EndpointRecord, programmed: bool) -> pb::Endpoint {
@@ -90,8 +101,19 @@ impl NodeApi {
 
 #[tonic::async_trait]
 impl pb::node_server::Node for NodeApi {
-    async fn add_endpoint(&self, req: Request<pb::AddEndpointRequest>) -> Result<Response<pb::Endpoint>, Status> {
-        let pb::AddEndpointRequest { container_id, netns, ifname, pod_name, pod_namespace, labels, annotations } = req.into_inner();
+    async fn add_endpoint(
+        &self,
+        req: Request<pb::AddEndpointRequest>,
+    ) -> Result<Response<pb::Endpoint>, Status> {
+        let pb::AddEndpointRequest {
+            container_id,
+            netns,
+            ifname,
+            pod_name,
+            pod_namespace,
+            labels,
+            annotations,
+        } = req.into_inner();
         let record = self
             .endpoints
             .add(AddRequest {
@@ -107,14 +129,27 @@ impl pb::node_server::Node for NodeApi {
         Ok(Response::new(self.to_pb(record, true)))
     }
 
-    async fn del_endpoint(&self, req: Request<pb::DelEndpointRequest>) -> Result<Response<pb::DelEndpointResponse>, Status> {
-        let pb::DelEndpointRequest { container_id, ifname } = req.into_inner();
+    async fn del_endpoint(
+        &self,
+        req: Request<pb::DelEndpointRequest>,
+    ) -> Result<Response<pb::DelEndpointResponse>, Status> {
+        let pb::DelEndpointRequest {
+            container_id,
+            ifname,
+        } = req.into_inner();
         let existed = self.endpoints.del(&container_id, &ifname).await?;
         Ok(Response::new(pb::DelEndpointResponse { existed }))
     }
 
-    async fn check_endpoint(&self, req: Request<pb::CheckEndpointRequest>) -> Result<Response<pb::CheckEndpointResponse>, Status> {
-        let pb::CheckEndpointRequest { container_id, netns, ifname } = req.into_inner();
+    async fn check_endpoint(
+        &self,
+        req: Request<pb::CheckEndpointRequest>,
+    ) -> Result<Response<pb::CheckEndpointResponse>, Status> {
+        let pb::CheckEndpointRequest {
+            container_id,
+            netns,
+            ifname,
+        } = req.into_inner();
         let endpoints = self.endpoints.clone();
         tokio::task::spawn_blocking(move || endpoints.check(&container_id, &netns, &ifname))
             .await
@@ -122,27 +157,45 @@ impl pb::node_server::Node for NodeApi {
         Ok(Response::new(pb::CheckEndpointResponse {}))
     }
 
-    async fn list_endpoints(&self, _req: Request<pb::ListEndpointsRequest>) -> Result<Response<pb::ListEndpointsResponse>, Status> {
+    async fn list_endpoints(
+        &self,
+        _req: Request<pb::ListEndpointsRequest>,
+    ) -> Result<Response<pb::ListEndpointsResponse>, Status> {
         let programmed = self.endpoints.programmed()?;
         let endpoints = self
             .endpoints
             .records()
             .into_iter()
             .map(|r| {
-                let p = programmed.get(&r.ip).is_some_and(|e| e.ifindex == r.host_ifindex);
+                let p = programmed
+                    .get(&r.ip)
+                    .is_some_and(|e| e.ifindex == r.host_ifindex);
                 self.to_pb(r, p)
             })
             .collect();
         Ok(Response::new(pb::ListEndpointsResponse { endpoints }))
     }
 
-    async fn set_endpoint_labels(&self, req: Request<pb::SetEndpointLabelsRequest>) -> Result<Response<pb::Endpoint>, Status> {
-        let pb::SetEndpointLabelsRequest { container_id, ifname, labels } = req.into_inner();
-        let record = self.endpoints.set_labels(&container_id, &ifname, labels.into_iter().collect()).await?;
+    async fn set_endpoint_labels(
+        &self,
+        req: Request<pb::SetEndpointLabelsRequest>,
+    ) -> Result<Response<pb::Endpoint>, Status> {
+        let pb::SetEndpointLabelsRequest {
+            container_id,
+            ifname,
+            labels,
+        } = req.into_inner();
+        let record = self
+            .endpoints
+            .set_labels(&container_id, &ifname, labels.into_iter().collect())
+            .await?;
         Ok(Response::new(self.to_pb(record, true)))
     }
 
-    async fn ipcache(&self, _req: Request<pb::IpcacheRequest>) -> Result<Response<pb::IpcacheResponse>, Status> {
+    async fn ipcache(
+        &self,
+        _req: Request<pb::IpcacheRequest>,
+    ) -> Result<Response<pb::IpcacheResponse>, Status> {
         let entries = self
             .datapath
             .lock()
@@ -150,12 +203,18 @@ impl pb::node_server::Node for NodeApi {
             .ipcache()
             .map_err(|e| Status::internal(format!("read ipcache map: {e:#}")))?
             .into_iter()
-            .map(|(prefix, identity)| pb::IpcacheMapEntry { prefix: prefix.to_string(), identity })
+            .map(|(prefix, identity)| pb::IpcacheMapEntry {
+                prefix: prefix.to_string(),
+                identity,
+            })
             .collect();
         Ok(Response::new(pb::IpcacheResponse { entries }))
     }
 
-    async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::NodeStatus>, Status> {
+    async fn status(
+        &self,
+        _req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::NodeStatus>, Status> {
         let net = self.endpoints.net();
         Ok(Response::new(pb::NodeStatus {
             node: self.endpoints.node().to_string(),

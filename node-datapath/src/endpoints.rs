@@ -21,8 +21,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::bpf::{Datapath, EndpointInfo, Hook, MacAddr};
 use crate::identity::IdentityClient;
-use crate::policy::PolicyState;
 use crate::netlink::{self, CommandError};
+use crate::policy::PolicyState;
 
 /// Route protocol number marking the per-pod /32 routes on the node.
 pub const POD_ROUTE_PROTO: &str = "178";
@@ -171,7 +171,10 @@ pub struct EndpointManager {
 
 impl std::fmt::Debug for EndpointManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EndpointManager").field("node", &self.node).field("dir", &self.dir).finish()
+        f.debug_struct("EndpointManager")
+            .field("node", &self.node)
+            .field("dir", &self.dir)
+            .finish()
     }
 }
 
@@ -192,7 +195,10 @@ fn record_name(container_id: &str, ifname: &str) -> String {
 }
 
 fn valid_id(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
 impl EndpointManager {
@@ -205,8 +211,20 @@ impl EndpointManager {
         ipam: ipam::ipam_client::IpamClient<GrpcChannel>,
         identity: Option<IdentityClient>,
     ) -> Result<Self, EndpointError> {
-        std::fs::create_dir_all(&dir).map_err(|source| EndpointError::State { path: dir.clone(), source })?;
-        Ok(Self { node, net, dir, datapath, ipam, identity, policy: Mutex::new(PolicyState::default()), lock: tokio::sync::Mutex::new(()) })
+        std::fs::create_dir_all(&dir).map_err(|source| EndpointError::State {
+            path: dir.clone(),
+            source,
+        })?;
+        Ok(Self {
+            node,
+            net,
+            dir,
+            datapath,
+            ipam,
+            identity,
+            policy: Mutex::new(PolicyState::default()),
+            lock: tokio::sync::Mutex::new(()),
+        })
     }
 
     /// The node's name.
@@ -264,31 +282,56 @@ impl EndpointManager {
         if !valid_id(&req.container_id) {
             return Err(EndpointError::Invalid {
                 field: "container_id",
-                message: format!("`{}` must be 1-128 characters of [A-Za-z0-9._-]", req.container_id),
+                message: format!(
+                    "`{}` must be 1-128 characters of [A-Za-z0-9._-]",
+                    req.container_id
+                ),
             });
         }
         if req.ifname.is_empty() || req.ifname.len() > 15 || req.ifname.contains('/') {
-            return Err(EndpointError::Invalid { field: "ifname", message: format!("`{}` is not a valid interface name", req.ifname) });
+            return Err(EndpointError::Invalid {
+                field: "ifname",
+                message: format!("`{}` is not a valid interface name", req.ifname),
+            });
         }
         if !Path::new(&req.netns).exists() {
-            return Err(EndpointError::Invalid { field: "netns", message: format!("`{}` does not exist", req.netns) });
+            return Err(EndpointError::Invalid {
+                field: "netns",
+                message: format!("`{}` does not exist", req.netns),
+            });
         }
         let _guard = self.lock.lock().await;
         if let Some(r) = self.record(&req.container_id, &req.ifname) {
-            return Err(EndpointError::AlreadyExists { container: req.container_id, ifname: req.ifname, id: r.id });
+            return Err(EndpointError::AlreadyExists {
+                container: req.container_id,
+                ifname: req.ifname,
+                id: r.id,
+            });
         }
         let owner = format!("cni/{}/{}", req.container_id, req.ifname);
         let alloc = self
             .ipam
             .clone()
-            .allocate(ipam::AllocateRequest { node: self.node.clone(), owner })
+            .allocate(ipam::AllocateRequest {
+                node: self.node.clone(),
+                owner,
+            })
             .await
             .map_err(EndpointError::Ipam)?
             .into_inner();
-        let ip: Ipv4Addr = alloc.ip.parse().map_err(|_| EndpointError::Ipam(tonic::Status::internal(format!("ipam returned `{}`", alloc.ip))))?;
+        let ip: Ipv4Addr = alloc.ip.parse().map_err(|_| {
+            EndpointError::Ipam(tonic::Status::internal(format!(
+                "ipam returned `{}`",
+                alloc.ip
+            )))
+        })?;
         let id = self.next_id();
         let host = host_ifname(&req.container_id, &req.ifname);
-        let namespace = if req.pod_namespace.is_empty() { "default" } else { req.pod_namespace.as_str() };
+        let namespace = if req.pod_namespace.is_empty() {
+            "default"
+        } else {
+            req.pod_namespace.as_str()
+        };
         let identity = match &self.identity {
             Some(c) => match c.allocate(namespace, &req.labels).await {
                 Ok(i) => i,
@@ -301,7 +344,11 @@ impl EndpointManager {
         };
         let attached = match self.plumb(&req, ip, id, &host, identity) {
             Ok(record) => match &self.identity {
-                Some(c) => c.upsert_endpoint(ip, identity, namespace, &req.pod_name).await.map(|()| record).map_err(EndpointError::Identity),
+                Some(c) => c
+                    .upsert_endpoint(ip, identity, namespace, &req.pod_name)
+                    .await
+                    .map(|()| record)
+                    .map_err(EndpointError::Identity),
                 None => Ok(record),
             },
             Err(e) => Err(e),
@@ -337,14 +384,25 @@ impl EndpointManager {
     /// Replaces a pod's labels: the endpoint moves to the new label set's
     /// identity (map entry and cluster-wide ipcache), and the old identity's
     /// reference is dropped when no local endpoint uses it any more.
-    pub async fn set_labels(&self, container_id: &str, ifname: &str, labels: BTreeMap<String, String>) -> Result<EndpointRecord, EndpointError> {
+    pub async fn set_labels(
+        &self,
+        container_id: &str,
+        ifname: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<EndpointRecord, EndpointError> {
         let _guard = self.lock.lock().await;
         let mut r = self
             .record(container_id, ifname)
-            .ok_or_else(|| EndpointError::NotFound { container: container_id.into(), ifname: ifname.into() })?;
+            .ok_or_else(|| EndpointError::NotFound {
+                container: container_id.into(),
+                ifname: ifname.into(),
+            })?;
         let old = r.identity;
         let new = match &self.identity {
-            Some(c) => c.allocate(&r.pod_namespace, &labels).await.map_err(EndpointError::Identity)?,
+            Some(c) => c
+                .allocate(&r.pod_namespace, &labels)
+                .await
+                .map_err(EndpointError::Identity)?,
             None => 0,
         };
         r.labels = labels;
@@ -352,7 +410,9 @@ impl EndpointManager {
         self.reprogram(&r)?;
         self.save(&r)?;
         if let Some(c) = &self.identity {
-            c.upsert_endpoint(r.ip, new, &r.pod_namespace, &r.pod_name).await.map_err(EndpointError::Identity)?;
+            c.upsert_endpoint(r.ip, new, &r.pod_namespace, &r.pod_name)
+                .await
+                .map_err(EndpointError::Identity)?;
         }
         if old != new {
             self.release_identity(old).await;
@@ -364,44 +424,95 @@ impl EndpointManager {
     /// Records every local endpoint again under a new identity lease: its
     /// identity reference and its ipcache entry. Used after the old lease expired.
     pub async fn rerecord(&self) -> Result<(), EndpointError> {
-        let Some(c) = &self.identity else { return Ok(()) };
+        let Some(c) = &self.identity else {
+            return Ok(());
+        };
         let _guard = self.lock.lock().await;
         for mut r in self.records() {
-            let id = c.allocate(&r.pod_namespace, &r.labels).await.map_err(EndpointError::Identity)?;
+            let id = c
+                .allocate(&r.pod_namespace, &r.labels)
+                .await
+                .map_err(EndpointError::Identity)?;
             if id != r.identity {
                 r.identity = id;
                 self.reprogram(&r)?;
                 self.save(&r)?;
             }
-            c.upsert_endpoint(r.ip, id, &r.pod_namespace, &r.pod_name).await.map_err(EndpointError::Identity)?;
+            c.upsert_endpoint(r.ip, id, &r.pod_namespace, &r.pod_name)
+                .await
+                .map_err(EndpointError::Identity)?;
         }
         Ok(())
     }
 
     /// The synchronous part of `add`: links, addresses, routes, eBPF.
-    fn plumb(&self, req: &AddRequest, ip: Ipv4Addr, id: u32, host: &str, identity: u32) -> Result<EndpointRecord, EndpointError> {
-        netlink::ip(&["link", "add", host, "type", "veth", "peer", "name", &req.ifname, "netns", &req.netns])?;
-        let host_link = netlink::link(host).ok_or_else(|| EndpointError::Invalid { field: "ifname", message: format!("{host} vanished") })?;
+    fn plumb(
+        &self,
+        req: &AddRequest,
+        ip: Ipv4Addr,
+        id: u32,
+        host: &str,
+        identity: u32,
+    ) -> Result<EndpointRecord, EndpointError> {
+        netlink::ip(&[
+            "link",
+            "add",
+            host,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &req.ifname,
+            "netns",
+            &req.netns,
+        ])?;
+        let host_link = netlink::link(host).ok_or_else(|| EndpointError::Invalid {
+            field: "ifname",
+            message: format!("{host} vanished"),
+        })?;
         let gw = self.net.gateway.to_string();
         let ifn = &req.ifname;
-        netlink::ip_batch_in(&req.netns, &[
-            "link set lo up".into(),
-            format!("link set {ifn} up"),
-            format!("addr add {ip}/32 dev {ifn}"),
-            format!("route add {gw} dev {ifn} scope link"),
-            format!("route add default via {gw} dev {ifn}"),
-            format!("neigh replace {gw} lladdr {} dev {ifn} nud permanent", host_link.mac),
-        ])?;
-        let pod_link = netlink::link_in(&req.netns, ifn).ok_or_else(|| EndpointError::Invalid { field: "ifname", message: format!("{ifn} vanished from the pod") })?;
+        netlink::ip_batch_in(
+            &req.netns,
+            &[
+                "link set lo up".into(),
+                format!("link set {ifn} up"),
+                format!("addr add {ip}/32 dev {ifn}"),
+                format!("route add {gw} dev {ifn} scope link"),
+                format!("route add default via {gw} dev {ifn}"),
+                format!(
+                    "neigh replace {gw} lladdr {} dev {ifn} nud permanent",
+                    host_link.mac
+                ),
+            ],
+        )?;
+        let pod_link = netlink::link_in(&req.netns, ifn).ok_or_else(|| EndpointError::Invalid {
+            field: "ifname",
+            message: format!("{ifn} vanished from the pod"),
+        })?;
         netlink::ip(&["link", "set", host, "up"])?;
-        netlink::ip(&["route", "replace", &format!("{ip}/32"), "dev", host, "scope", "link", "proto", POD_ROUTE_PROTO])?;
+        netlink::ip(&[
+            "route",
+            "replace",
+            &format!("{ip}/32"),
+            "dev",
+            host,
+            "scope",
+            "link",
+            "proto",
+            POD_ROUTE_PROTO,
+        ])?;
         let record = EndpointRecord {
             id,
             container_id: req.container_id.clone(),
             ifname: ifn.clone(),
             netns: req.netns.clone(),
             pod_name: req.pod_name.clone(),
-            pod_namespace: if req.pod_namespace.is_empty() { "default".into() } else { req.pod_namespace.clone() },
+            pod_namespace: if req.pod_namespace.is_empty() {
+                "default".into()
+            } else {
+                req.pod_namespace.clone()
+            },
             labels: req.labels.clone(),
             annotations: req.annotations.clone(),
             ip,
@@ -435,16 +546,24 @@ impl EndpointManager {
         info.flags = st.flags_for(r.identity);
         let entries = st.entries_for(r.id, r.identity);
         let mut dp = self.datapath();
-        dp.replace_endpoint_policy(r.id, &entries).map_err(|e| EndpointError::Datapath(anyhow::Error::new(e)))?;
+        dp.replace_endpoint_policy(r.id, &entries)
+            .map_err(|e| EndpointError::Datapath(anyhow::Error::new(e)))?;
         dp.upsert_endpoint(r.ip, &info)?;
         Ok(())
     }
 
     /// Replaces the policy state and re-programs every endpoint with it;
     /// CIDR prefixes that rules name get node-local identities in the ipcache.
-    pub async fn apply_policies(&self, policies: BTreeMap<u32, membrane_proto::policy::v1::IdentityPolicy>) -> Result<(), EndpointError> {
+    pub async fn apply_policies(
+        &self,
+        policies: BTreeMap<u32, membrane_proto::policy::v1::IdentityPolicy>,
+    ) -> Result<(), EndpointError> {
         let _guard = self.lock.lock().await;
-        let (added, removed) = self.policy.lock().unwrap_or_else(|p| p.into_inner()).set_policies(policies);
+        let (added, removed) = self
+            .policy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_policies(policies);
         {
             let mut dp = self.datapath();
             for (net, id) in added {
@@ -462,14 +581,21 @@ impl EndpointManager {
 
     /// The rule a drop's rule id names.
     pub fn rule_name(&self, id: u32) -> Option<String> {
-        self.policy.lock().unwrap_or_else(|p| p.into_inner()).rule_name(id).map(str::to_string)
+        self.policy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .rule_name(id)
+            .map(str::to_string)
     }
 
     async fn release(&self, ip: Ipv4Addr) -> Result<(), EndpointError> {
         match self
             .ipam
             .clone()
-            .release(ipam::ReleaseRequest { node: self.node.clone(), ip: ip.to_string() })
+            .release(ipam::ReleaseRequest {
+                node: self.node.clone(),
+                ip: ip.to_string(),
+            })
             .await
         {
             Ok(_) => Ok(()),
@@ -492,7 +618,8 @@ impl EndpointManager {
             dp.remove_endpoint(r.ip)?;
             dp.detach(Hook::Lxc, r.host_ifindex)?;
             dp.detach(Hook::LxcEgress, r.host_ifindex)?;
-            dp.replace_endpoint_policy(r.id, &[]).map_err(|e| EndpointError::Datapath(anyhow::Error::new(e)))?;
+            dp.replace_endpoint_policy(r.id, &[])
+                .map_err(|e| EndpointError::Datapath(anyhow::Error::new(e)))?;
         }
         if netlink::link(&r.host_ifname).is_some() {
             netlink::ip(&["link", "del", &r.host_ifname])?;
@@ -512,29 +639,58 @@ impl EndpointManager {
     }
 
     /// Verifies that a pod is still as attached.
-    pub fn check(&self, container_id: &str, netns: &str, ifname: &str) -> Result<(), EndpointError> {
+    pub fn check(
+        &self,
+        container_id: &str,
+        netns: &str,
+        ifname: &str,
+    ) -> Result<(), EndpointError> {
         let r = self
             .record(container_id, ifname)
-            .ok_or_else(|| EndpointError::NotFound { container: container_id.into(), ifname: ifname.into() })?;
-        let drift = |what: String| EndpointError::Drifted { id: r.id, container: r.container_id.clone(), what };
+            .ok_or_else(|| EndpointError::NotFound {
+                container: container_id.into(),
+                ifname: ifname.into(),
+            })?;
+        let drift = |what: String| EndpointError::Drifted {
+            id: r.id,
+            container: r.container_id.clone(),
+            what,
+        };
         if !netns.is_empty() && netns != r.netns {
-            return Err(drift(format!("netns is `{netns}`, attached in `{}`", r.netns)));
+            return Err(drift(format!(
+                "netns is `{netns}`, attached in `{}`",
+                r.netns
+            )));
         }
-        let link = netlink::link_in(&r.netns, ifname).ok_or_else(|| drift(format!("interface `{ifname}` is gone from the pod")))?;
+        let link = netlink::link_in(&r.netns, ifname)
+            .ok_or_else(|| drift(format!("interface `{ifname}` is gone from the pod")))?;
         if link.mac != r.mac {
-            return Err(drift(format!("interface `{ifname}` has MAC {}, attached with {}", link.mac, r.mac)));
+            return Err(drift(format!(
+                "interface `{ifname}` has MAC {}, attached with {}",
+                link.mac, r.mac
+            )));
         }
         let addrs = netlink::addrs_in(&r.netns, ifname)?;
         if !addrs.contains(&format!("{}/32", r.ip)) {
-            return Err(drift(format!("address {}/32 missing (has {addrs:?})", r.ip)));
+            return Err(drift(format!(
+                "address {}/32 missing (has {addrs:?})",
+                r.ip
+            )));
         }
         if netlink::default_gateway_in(&r.netns)? != Some(self.net.gateway) {
-            return Err(drift(format!("default route is not via {}", self.net.gateway)));
+            return Err(drift(format!(
+                "default route is not via {}",
+                self.net.gateway
+            )));
         }
         if netlink::link(&r.host_ifname).map(|l| l.ifindex) != Some(r.host_ifindex) {
             return Err(drift(format!("node-side veth `{}` is gone", r.host_ifname)));
         }
-        let programmed = self.datapath().endpoints()?.into_iter().any(|(ip, e)| ip == r.ip && e.ifindex == r.host_ifindex);
+        let programmed = self
+            .datapath()
+            .endpoints()?
+            .into_iter()
+            .any(|(ip, e)| ip == r.ip && e.ifindex == r.host_ifindex);
         if !programmed {
             return Err(drift(format!("endpoint map has no entry for {}", r.ip)));
         }
@@ -574,7 +730,10 @@ impl EndpointManager {
 
 fn endpoint_info(r: &EndpointRecord) -> Result<EndpointInfo, EndpointError> {
     let mac = |field: &'static str, s: &str| {
-        s.parse::<MacAddr>().map_err(|_| EndpointError::Invalid { field, message: format!("bad MAC `{s}`") })
+        s.parse::<MacAddr>().map_err(|_| EndpointError::Invalid {
+            field,
+            message: format!("bad MAC `{s}`"),
+        })
     };
     Ok(EndpointInfo {
         ifindex: r.host_ifindex,

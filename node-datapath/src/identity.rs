@@ -28,11 +28,18 @@ pub struct IdentityClient {
 impl IdentityClient {
     /// A client for `node`.
     pub fn new(node: impl Into<String>, channel: GrpcChannel) -> Self {
-        Self { node: node.into(), client: pb::identity_client::IdentityClient::new(channel) }
+        Self {
+            node: node.into(),
+            client: pb::identity_client::IdentityClient::new(channel),
+        }
     }
 
     /// The identity of a pod's labels (a reference held by this node).
-    pub async fn allocate(&self, namespace: &str, labels: &BTreeMap<String, String>) -> Result<u32, tonic::Status> {
+    pub async fn allocate(
+        &self,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<u32, tonic::Status> {
         let resp = self
             .client
             .clone()
@@ -47,11 +54,24 @@ impl IdentityClient {
 
     /// Drops this node's reference to `id`.
     pub async fn release(&self, id: u32) -> Result<(), tonic::Status> {
-        self.client.clone().release(pb::ReleaseRequest { id, node: self.node.clone() }).await.map(drop)
+        self.client
+            .clone()
+            .release(pb::ReleaseRequest {
+                id,
+                node: self.node.clone(),
+            })
+            .await
+            .map(drop)
     }
 
     /// Records a pod address in the ipcache.
-    pub async fn upsert_endpoint(&self, ip: Ipv4Addr, id: u32, namespace: &str, pod: &str) -> Result<(), tonic::Status> {
+    pub async fn upsert_endpoint(
+        &self,
+        ip: Ipv4Addr,
+        id: u32,
+        namespace: &str,
+        pod: &str,
+    ) -> Result<(), tonic::Status> {
         self.client
             .clone()
             .upsert_endpoint(pb::UpsertEndpointRequest {
@@ -69,7 +89,10 @@ impl IdentityClient {
     pub async fn delete_endpoint(&self, ip: Ipv4Addr) -> Result<(), tonic::Status> {
         self.client
             .clone()
-            .delete_endpoint(pb::DeleteEndpointRequest { ip: ip.to_string(), node: self.node.clone() })
+            .delete_endpoint(pb::DeleteEndpointRequest {
+                ip: ip.to_string(),
+                node: self.node.clone(),
+            })
             .await
             .map(drop)
     }
@@ -77,14 +100,25 @@ impl IdentityClient {
     /// Keeps the node's lease alive; `true` when the lease is new (everything
     /// recorded under the old one is gone and must be recorded again).
     pub async fn heartbeat(&self) -> Result<bool, tonic::Status> {
-        Ok(self.client.clone().heartbeat(pb::HeartbeatRequest { node: self.node.clone() }).await?.into_inner().new_lease)
+        Ok(self
+            .client
+            .clone()
+            .heartbeat(pb::HeartbeatRequest {
+                node: self.node.clone(),
+            })
+            .await?
+            .into_inner()
+            .new_lease)
     }
 
     /// Records the node's underlay address (remote-node for the others).
     pub async fn register_node_ip(&self, ip: Ipv4Addr) -> Result<(), tonic::Status> {
         self.client
             .clone()
-            .register_node_ip(pb::RegisterNodeIpRequest { node: self.node.clone(), ip: ip.to_string() })
+            .register_node_ip(pb::RegisterNodeIpRequest {
+                node: self.node.clone(),
+                ip: ip.to_string(),
+            })
             .await
             .map(drop)
     }
@@ -103,16 +137,27 @@ pub trait IpcacheMap: Send + 'static {
 /// The ipcache a node wants, from the identity service's resources: every
 /// `ipcache/<prefix>` entry, with this node's own address as `host` rather
 /// than `remote-node`.
-pub fn desired_ipcache(node: &str, state: &BTreeMap<String, Any>) -> Result<BTreeMap<Ipv4Net, u32>, String> {
+pub fn desired_ipcache(
+    node: &str,
+    state: &BTreeMap<String, Any>,
+) -> Result<BTreeMap<Ipv4Net, u32>, String> {
     let mut out = BTreeMap::new();
     for (key, value) in state.range("ipcache/".to_string()..) {
         if !key.starts_with("ipcache/") {
             break;
         }
-        let e: pb::IpcacheEntry = value.to_msg().map_err(|e| format!("resource `{key}`: {e}"))?;
+        let e: pb::IpcacheEntry = value
+            .to_msg()
+            .map_err(|e| format!("resource `{key}`: {e}"))?;
         // IPv6 entries have no map yet.
-        let Ok(prefix) = e.prefix.parse::<Ipv4Net>() else { continue };
-        let id = if e.identity == REMOTE_NODE && e.node == node { HOST } else { e.identity };
+        let Ok(prefix) = e.prefix.parse::<Ipv4Net>() else {
+            continue;
+        };
+        let id = if e.identity == REMOTE_NODE && e.node == node {
+            HOST
+        } else {
+            e.identity
+        };
         out.insert(prefix, id);
     }
     Ok(out)
@@ -134,7 +179,11 @@ pub struct IpcacheSink<M> {
 impl<M: IpcacheMap> IpcacheSink<M> {
     /// Programs `map` for `node`.
     pub fn new(node: impl Into<String>, map: M) -> Self {
-        Self { node: node.into(), map, programmed: None }
+        Self {
+            node: node.into(),
+            map,
+            programmed: None,
+        }
     }
 
     /// Makes the map hold exactly the desired entries; decodes everything first.
@@ -162,17 +211,24 @@ impl<M: IpcacheMap> IpcacheSink<M> {
 
     /// Applies only `changed` keys; falls back to a full reconcile when the
     /// sink does not know what the map holds.
-    pub fn apply_changes(&mut self, state: &BTreeMap<String, Any>, changed: &[String]) -> Result<(), String> {
+    pub fn apply_changes(
+        &mut self,
+        state: &BTreeMap<String, Any>,
+        changed: &[String],
+    ) -> Result<(), String> {
         let Some(mut programmed) = self.programmed.take() else {
             return self.reconcile(state);
         };
         // Decode everything first, so bad input changes nothing.
         let mut ops: Vec<(Ipv4Net, Option<u32>)> = Vec::new();
         for key in changed.iter().filter(|k| k.starts_with("ipcache/")) {
-            let Ok(prefix) = key["ipcache/".len()..].parse::<Ipv4Net>() else { continue };
+            let Ok(prefix) = key["ipcache/".len()..].parse::<Ipv4Net>() else {
+                continue;
+            };
             match state.get(key) {
                 Some(value) => {
-                    let one: BTreeMap<String, Any> = [(key.clone(), value.clone())].into_iter().collect();
+                    let one: BTreeMap<String, Any> =
+                        [(key.clone(), value.clone())].into_iter().collect();
                     let id = desired_ipcache(&self.node, &one)?.remove(&prefix);
                     ops.push((prefix, id));
                 }
@@ -199,7 +255,12 @@ impl<M: IpcacheMap> IpcacheSink<M> {
 }
 
 impl<M: IpcacheMap> StateSink for IpcacheSink<M> {
-    async fn apply(&mut self, version: u64, state: &BTreeMap<String, Any>, changed: &[String]) -> Result<(), String> {
+    async fn apply(
+        &mut self,
+        version: u64,
+        state: &BTreeMap<String, Any>,
+        changed: &[String],
+    ) -> Result<(), String> {
         self.apply_changes(state, changed)?;
         tracing::debug!(version, changed = changed.len(), "ipcache applied");
         Ok(())
@@ -228,8 +289,17 @@ mod tests {
     }
 
     fn entry(prefix: &str, identity: u32, node: &str) -> (String, Any) {
-        let e = pb::IpcacheEntry { prefix: prefix.into(), identity, node: node.into(), namespace: String::new(), pod: String::new() };
-        (format!("ipcache/{prefix}"), Any::from_msg(&e).expect("encode"))
+        let e = pb::IpcacheEntry {
+            prefix: prefix.into(),
+            identity,
+            node: node.into(),
+            namespace: String::new(),
+            pod: String::new(),
+        };
+        (
+            format!("ipcache/{prefix}"),
+            Any::from_msg(&e).expect("encode"),
+        )
     }
 
     #[test]
@@ -243,19 +313,42 @@ mod tests {
         .collect();
         let mut sink = IpcacheSink::new("node-1", FakeMap::default());
         sink.reconcile(&state).expect("reconcile");
-        let got: Vec<(String, u32)> = sink.map.0.iter().map(|(p, i)| (p.to_string(), *i)).collect();
-        assert_eq!(got, [("10.99.0.11/32".into(), HOST), ("10.99.0.12/32".into(), REMOTE_NODE), ("10.200.0.5/32".into(), 300)]);
+        let got: Vec<(String, u32)> = sink
+            .map
+            .0
+            .iter()
+            .map(|(p, i)| (p.to_string(), *i))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("10.99.0.11/32".into(), HOST),
+                ("10.99.0.12/32".into(), REMOTE_NODE),
+                ("10.200.0.5/32".into(), 300)
+            ]
+        );
     }
 
     #[test]
     fn removed_entries_leave_the_map_and_bad_input_changes_nothing() {
         let mut sink = IpcacheSink::new("node-1", FakeMap::default());
-        let mut state: BTreeMap<_, _> = [entry("10.200.0.5/32", 300, "node-2"), entry("10.200.0.6/32", 301, "node-2")].into_iter().collect();
+        let mut state: BTreeMap<_, _> = [
+            entry("10.200.0.5/32", 300, "node-2"),
+            entry("10.200.0.6/32", 301, "node-2"),
+        ]
+        .into_iter()
+        .collect();
         sink.reconcile(&state).expect("reconcile");
         state.remove("ipcache/10.200.0.6/32");
         sink.reconcile(&state).expect("reconcile");
         assert_eq!(sink.map.0.len(), 1);
-        state.insert("ipcache/garbage".into(), Any { type_url: "x".into(), value: vec![0xff, 0xff] });
+        state.insert(
+            "ipcache/garbage".into(),
+            Any {
+                type_url: "x".into(),
+                value: vec![0xff, 0xff],
+            },
+        );
         assert!(sink.reconcile(&state).is_err());
         assert_eq!(sink.map.0.len(), 1);
     }
@@ -263,17 +356,35 @@ mod tests {
     #[test]
     fn updates_touch_only_changed_prefixes_and_match_a_full_reconcile() {
         let mut sink = IpcacheSink::new("node-1", FakeMap::default());
-        let mut state: BTreeMap<_, _> = [entry("10.200.0.5/32", 300, "node-2")].into_iter().collect();
-        sink.apply_changes(&state, &["ipcache/10.200.0.5/32".into()]).expect("first apply reconciles");
+        let mut state: BTreeMap<_, _> = [entry("10.200.0.5/32", 300, "node-2")]
+            .into_iter()
+            .collect();
+        sink.apply_changes(&state, &["ipcache/10.200.0.5/32".into()])
+            .expect("first apply reconciles");
         let (k, v) = entry("10.200.0.6/32", 301, "node-2");
         state.insert(k.clone(), v);
         state.remove("ipcache/10.200.0.5/32");
-        sink.apply_changes(&state, &[k, "ipcache/10.200.0.5/32".into()]).expect("update");
-        let got: Vec<_> = sink.map.0.iter().map(|(p, i)| (p.to_string(), *i)).collect();
+        sink.apply_changes(&state, &[k, "ipcache/10.200.0.5/32".into()])
+            .expect("update");
+        let got: Vec<_> = sink
+            .map
+            .0
+            .iter()
+            .map(|(p, i)| (p.to_string(), *i))
+            .collect();
         assert_eq!(got, [("10.200.0.6/32".to_string(), 301)]);
         // A bad changed value fails without touching the map.
-        state.insert("ipcache/10.200.0.7/32".into(), Any { type_url: "x".into(), value: vec![0xff] });
-        assert!(sink.apply_changes(&state, &["ipcache/10.200.0.7/32".into()]).is_err());
+        state.insert(
+            "ipcache/10.200.0.7/32".into(),
+            Any {
+                type_url: "x".into(),
+                value: vec![0xff],
+            },
+        );
+        assert!(
+            sink.apply_changes(&state, &["ipcache/10.200.0.7/32".into()])
+                .is_err()
+        );
         assert_eq!(sink.map.0.len(), 1);
     }
 }

@@ -29,7 +29,12 @@ pub fn ruleset(pod_cidr: Ipv4Net, cluster_cidr: Ipv4Net, dev: &str) -> String {
 
 /// Installs (or replaces) the rules in this namespace.
 pub fn install(pod_cidr: Ipv4Net, cluster_cidr: Ipv4Net, dev: &str) -> Result<(), CommandError> {
-    netlink::run("nft", &["-f", "-"], Some(&ruleset(pod_cidr, cluster_cidr, dev))).map(drop)
+    netlink::run(
+        "nft",
+        &["-f", "-"],
+        Some(&ruleset(pod_cidr, cluster_cidr, dev)),
+    )
+    .map(drop)
 }
 
 #[cfg(test)]
@@ -38,7 +43,11 @@ mod tests {
 
     #[test]
     fn the_ruleset_masquerades_only_traffic_leaving_the_cluster() {
-        let r = ruleset("10.200.1.0/24".parse().expect("cidr"), "10.200.0.0/16".parse().expect("cidr"), "eth0");
+        let r = ruleset(
+            "10.200.1.0/24".parse().expect("cidr"),
+            "10.200.0.0/16".parse().expect("cidr"),
+            "eth0",
+        );
         assert!(r.contains("ip saddr 10.200.1.0/24 ip daddr != 10.200.0.0/16 oifname \"eth0\" counter masquerade"), "{r}");
         assert!(r.starts_with("table ip membrane {}\ndelete table ip membrane\n"));
     }

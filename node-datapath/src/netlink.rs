@@ -19,20 +19,30 @@ pub struct CommandError {
 /// Runs `program args`, feeding `stdin` if given; returns stdout.
 pub fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, CommandError> {
     let command = format!("{program} {}", args.join(" "));
-    let fail = |stderr: String| CommandError { command: command.clone(), stderr };
+    let fail = |stderr: String| CommandError {
+        command: command.clone(),
+        stderr,
+    };
     let mut child = Command::new(program)
         .args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| fail(e.to_string()))?;
     if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(input.as_bytes()).map_err(|e| fail(e.to_string()))?;
+        pipe.write_all(input.as_bytes())
+            .map_err(|e| fail(e.to_string()))?;
     }
     let out = child.wait_with_output().map_err(|e| fail(e.to_string()))?;
     if !out.status.success() {
-        return Err(fail(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+        return Err(fail(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -80,12 +90,16 @@ pub fn parse_link(json: &str) -> Option<LinkInfo> {
 
 /// A link of this namespace, `None` if it does not exist.
 pub fn link(name: &str) -> Option<LinkInfo> {
-    ip(&["-j", "link", "show", "dev", name]).ok().and_then(|j| parse_link(&j))
+    ip(&["-j", "link", "show", "dev", name])
+        .ok()
+        .and_then(|j| parse_link(&j))
 }
 
 /// A link in the namespace at `netns`, `None` if it (or the namespace) does not exist.
 pub fn link_in(netns: &str, name: &str) -> Option<LinkInfo> {
-    ip_in(netns, &["-j", "link", "show", "dev", name]).ok().and_then(|j| parse_link(&j))
+    ip_in(netns, &["-j", "link", "show", "dev", name])
+        .ok()
+        .and_then(|j| parse_link(&j))
 }
 
 /// The IPv4 addresses (with prefix) on a link in `netns`.
@@ -95,8 +109,19 @@ pub fn addrs_in(netns: &str, name: &str) -> Result<Vec<String>, CommandError> {
     Ok(v.as_array()
         .into_iter()
         .flatten()
-        .flat_map(|l| l.get("addr_info").and_then(|a| a.as_array()).cloned().unwrap_or_default())
-        .filter_map(|a| Some(format!("{}/{}", a.get("local")?.as_str()?, a.get("prefixlen")?.as_u64()?)))
+        .flat_map(|l| {
+            l.get("addr_info")
+                .and_then(|a| a.as_array())
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter_map(|a| {
+            Some(format!(
+                "{}/{}",
+                a.get("local")?.as_str()?,
+                a.get("prefixlen")?.as_u64()?
+            ))
+        })
         .collect())
 }
 
@@ -118,7 +143,13 @@ mod tests {
     #[test]
     fn link_json_yields_index_and_mac() {
         let j = r#"[{"ifindex":88,"ifname":"lxc1","address":"66:1a:3c:81:b1:12"}]"#;
-        assert_eq!(parse_link(j), Some(LinkInfo { ifindex: 88, mac: "66:1a:3c:81:b1:12".into() }));
+        assert_eq!(
+            parse_link(j),
+            Some(LinkInfo {
+                ifindex: 88,
+                mac: "66:1a:3c:81:b1:12".into()
+            })
+        );
         assert_eq!(parse_link("[]"), None);
         assert_eq!(parse_link("garbage"), None);
     }

@@ -34,7 +34,10 @@ impl PolicyState {
     /// Replaces the policies; gives every CIDR prefix they name (and only
     /// those) an identity, keeping the numbers of prefixes still named.
     /// Returns the CIDR entries to add and to remove from the ipcache map.
-    pub fn set_policies(&mut self, policies: BTreeMap<u32, pb::IdentityPolicy>) -> (Vec<(Ipv4Net, u32)>, Vec<Ipv4Net>) {
+    pub fn set_policies(
+        &mut self,
+        policies: BTreeMap<u32, pb::IdentityPolicy>,
+    ) -> (Vec<(Ipv4Net, u32)>, Vec<Ipv4Net>) {
         let mut named = BTreeSet::new();
         for p in policies.values() {
             for r in &p.rules {
@@ -48,7 +51,12 @@ impl PolicyState {
                 }
             }
         }
-        let removed: Vec<Ipv4Net> = self.cidr_ids.keys().filter(|n| !named.contains(n)).copied().collect();
+        let removed: Vec<Ipv4Net> = self
+            .cidr_ids
+            .keys()
+            .filter(|n| !named.contains(n))
+            .copied()
+            .collect();
         for n in &removed {
             self.cidr_ids.remove(n);
         }
@@ -56,7 +64,9 @@ impl PolicyState {
         for net in named {
             if !self.cidr_ids.contains_key(&net) {
                 let used: BTreeSet<u32> = self.cidr_ids.values().copied().collect();
-                let id = (CIDR_BASE..).find(|i| !used.contains(i)).unwrap_or(CIDR_BASE);
+                let id = (CIDR_BASE..)
+                    .find(|i| !used.contains(i))
+                    .unwrap_or(CIDR_BASE);
                 self.cidr_ids.insert(net, id);
                 added.push((net, id));
             }
@@ -74,14 +84,20 @@ impl PolicyState {
     }
 
     fn rule_id(&mut self, r: &Option<pb::RuleRef>) -> u32 {
-        let key = r.as_ref().map(|r| format!("{}/{}/{} {}", r.kind, r.namespace, r.name, r.path)).unwrap_or_default();
+        let key = r
+            .as_ref()
+            .map(|r| format!("{}/{}/{} {}", r.kind, r.namespace, r.name, r.path))
+            .unwrap_or_default();
         let next = self.rule_ids.len() as u32 + 1;
         *self.rule_ids.entry(key).or_insert(next)
     }
 
     /// The rule a drop's `rule_id` names.
     pub fn rule_name(&self, id: u32) -> Option<&str> {
-        self.rule_ids.iter().find(|(_, v)| **v == id).map(|(k, _)| k.as_str())
+        self.rule_ids
+            .iter()
+            .find(|(_, v)| **v == id)
+            .map(|(k, _)| k.as_str())
     }
 
     /// The peers a rule matches, as datapath identities (`None` = any peer).
@@ -97,7 +113,9 @@ impl PolicyState {
                 out.into_iter().map(Some).collect()
             }
             Some(pb::resolved_rule::Peer::Cidr(c)) => {
-                let Ok(p) = c.cidr.parse::<Ipv4Net>() else { return Vec::new() };
+                let Ok(p) = c.cidr.parse::<Ipv4Net>() else {
+                    return Vec::new();
+                };
                 let except: Vec<Ipv4Net> = c.except.iter().filter_map(|e| e.parse().ok()).collect();
                 let mut out: BTreeSet<u32> = self
                     .cidr_ids
@@ -115,7 +133,9 @@ impl PolicyState {
 
     /// The datapath entries of one endpoint.
     pub fn entries_for(&mut self, endpoint_id: u32, identity: u32) -> Vec<PolicyEntry> {
-        let Some(policy) = self.policies.get(&identity).cloned() else { return Vec::new() };
+        let Some(policy) = self.policies.get(&identity).cloned() else {
+            return Vec::new();
+        };
         let mut out = Vec::new();
         for rule in &policy.rules {
             let direction = match pb::Direction::try_from(rule.direction) {
@@ -132,7 +152,15 @@ impl PolicyState {
             let ports = port_matches(&rule.ports);
             for peer in self.peers(&rule.peer) {
                 for (proto, ports) in &ports {
-                    out.push(PolicyEntry { endpoint_id, direction, proto: *proto, peer_identity: peer, ports: *ports, verdict, rule_id });
+                    out.push(PolicyEntry {
+                        endpoint_id,
+                        direction,
+                        proto: *proto,
+                        peer_identity: peer,
+                        ports: *ports,
+                        verdict,
+                        rule_id,
+                    });
                 }
             }
         }
@@ -173,9 +201,14 @@ fn port_matches(ports: &[pb::PortRange]) -> Vec<(Option<u8>, PortMatch)> {
 }
 
 /// Programs one endpoint's policy and enforcement into the datapath.
-pub fn program_endpoint(state: &mut PolicyState, dp: &mut Datapath, r: &EndpointRecord) -> Result<(), String> {
+pub fn program_endpoint(
+    state: &mut PolicyState,
+    dp: &mut Datapath,
+    r: &EndpointRecord,
+) -> Result<(), String> {
     let entries = state.entries_for(r.id, r.identity);
-    dp.replace_endpoint_policy(r.id, &entries).map_err(|e| format!("policy of endpoint {}: {e:#}", r.id))?;
+    dp.replace_endpoint_policy(r.id, &entries)
+        .map_err(|e| format!("policy of endpoint {}: {e:#}", r.id))?;
     let flags = state.flags_for(r.identity);
     dp.set_endpoint_enforcement(
         r.ip,
@@ -186,13 +219,17 @@ pub fn program_endpoint(state: &mut PolicyState, dp: &mut Datapath, r: &Endpoint
 }
 
 /// Decodes the policy service's resources.
-pub fn decode(state: &BTreeMap<String, prost_types::Any>) -> Result<BTreeMap<u32, pb::IdentityPolicy>, String> {
+pub fn decode(
+    state: &BTreeMap<String, prost_types::Any>,
+) -> Result<BTreeMap<u32, pb::IdentityPolicy>, String> {
     let mut out = BTreeMap::new();
     for (key, value) in state {
         if !key.starts_with("policy/") {
             continue;
         }
-        let p: pb::IdentityPolicy = value.to_msg().map_err(|e| format!("resource `{key}`: {e}"))?;
+        let p: pb::IdentityPolicy = value
+            .to_msg()
+            .map_err(|e| format!("resource `{key}`: {e}"))?;
         out.insert(p.identity, p);
     }
     Ok(out)
@@ -202,19 +239,34 @@ pub fn decode(state: &BTreeMap<String, prost_types::Any>) -> Result<BTreeMap<u32
 mod tests {
     use super::*;
 
-    fn rule(dir: pb::Direction, verdict: pb::Verdict, peer: pb::resolved_rule::Peer, ports: Vec<pb::PortRange>) -> pb::ResolvedRule {
+    fn rule(
+        dir: pb::Direction,
+        verdict: pb::Verdict,
+        peer: pb::resolved_rule::Peer,
+        ports: Vec<pb::PortRange>,
+    ) -> pb::ResolvedRule {
         pb::ResolvedRule {
             direction: dir as i32,
             verdict: verdict as i32,
             peer: Some(peer),
             ports,
-            rule: Some(pb::RuleRef { kind: "CiliumNetworkPolicy".into(), namespace: "default".into(), name: "p".into(), section: "ingress".into(), index: 0, path: "spec.ingress[0]".into() }),
+            rule: Some(pb::RuleRef {
+                kind: "CiliumNetworkPolicy".into(),
+                namespace: "default".into(),
+                name: "p".into(),
+                section: "ingress".into(),
+                index: 0,
+                path: "spec.ingress[0]".into(),
+            }),
             l7_not_enforced: false,
         }
     }
 
     fn cidr(c: &str, except: &[&str]) -> pb::resolved_rule::Peer {
-        pb::resolved_rule::Peer::Cidr(pb::CidrPeer { cidr: c.into(), except: except.iter().map(|s| s.to_string()).collect() })
+        pb::resolved_rule::Peer::Cidr(pb::CidrPeer {
+            cidr: c.into(),
+            except: except.iter().map(|s| s.to_string()).collect(),
+        })
     }
 
     #[test]
@@ -225,20 +277,49 @@ mod tests {
             ingress_enforced: true,
             egress_enforced: false,
             rules: vec![
-                rule(pb::Direction::Ingress, pb::Verdict::Deny, cidr("192.0.2.0/24", &[]), vec![]),
-                rule(pb::Direction::Ingress, pb::Verdict::Allow, cidr("192.0.2.3/32", &[]), vec![]),
-                rule(pb::Direction::Ingress, pb::Verdict::Allow, cidr("198.51.100.0/24", &["198.51.100.128/25"]), vec![]),
+                rule(
+                    pb::Direction::Ingress,
+                    pb::Verdict::Deny,
+                    cidr("192.0.2.0/24", &[]),
+                    vec![],
+                ),
+                rule(
+                    pb::Direction::Ingress,
+                    pb::Verdict::Allow,
+                    cidr("192.0.2.3/32", &[]),
+                    vec![],
+                ),
+                rule(
+                    pb::Direction::Ingress,
+                    pb::Verdict::Allow,
+                    cidr("198.51.100.0/24", &["198.51.100.128/25"]),
+                    vec![],
+                ),
             ],
         };
         let (added, removed) = st.set_policies([(300, p)].into_iter().collect());
         assert_eq!(added.len(), 4);
         assert!(removed.is_empty());
         let id = |n: &str| st.cidr_identities()[&n.parse::<Ipv4Net>().expect("net")];
-        let (slash24, slash32, allowed, excepted) = (id("192.0.2.0/24"), id("192.0.2.3/32"), id("198.51.100.0/24"), id("198.51.100.128/25"));
+        let (slash24, slash32, allowed, excepted) = (
+            id("192.0.2.0/24"),
+            id("192.0.2.3/32"),
+            id("198.51.100.0/24"),
+            id("198.51.100.128/25"),
+        );
         let entries = st.entries_for(7, 300);
-        let peers_of = |v: Verdict| -> BTreeSet<u32> { entries.iter().filter(|e| e.verdict == v).filter_map(|e| e.peer_identity).collect() };
+        let peers_of = |v: Verdict| -> BTreeSet<u32> {
+            entries
+                .iter()
+                .filter(|e| e.verdict == v)
+                .filter_map(|e| e.peer_identity)
+                .collect()
+        };
         // The /32 inside the denied /24 is denied too (deny wins in the datapath).
-        assert_eq!(peers_of(Verdict::Deny), [slash24, slash32].into_iter().collect());
+        assert_eq!(
+            peers_of(Verdict::Deny),
+            [slash24, slash32].into_iter().collect()
+        );
         assert!(peers_of(Verdict::Allow).contains(&allowed));
         assert!(!peers_of(Verdict::Allow).contains(&excepted));
         assert_eq!(st.flags_for(300), EndpointInfo::INGRESS_ENFORCED);
@@ -251,9 +332,23 @@ mod tests {
     #[test]
     fn any_protocol_ports_become_tcp_and_udp_and_no_ports_mean_everything() {
         assert_eq!(port_matches(&[]), vec![(None, PortMatch::Any)]);
-        let any80 = pb::PortRange { protocol: pb::Protocol::Any as i32, lo: 80, hi: 80 };
-        assert_eq!(port_matches(&[any80]), vec![(Some(6), PortMatch::Range(80, 80)), (Some(17), PortMatch::Range(80, 80))]);
-        let all_tcp = pb::PortRange { protocol: pb::Protocol::Tcp as i32, lo: 0, hi: 65535 };
+        let any80 = pb::PortRange {
+            protocol: pb::Protocol::Any as i32,
+            lo: 80,
+            hi: 80,
+        };
+        assert_eq!(
+            port_matches(&[any80]),
+            vec![
+                (Some(6), PortMatch::Range(80, 80)),
+                (Some(17), PortMatch::Range(80, 80))
+            ]
+        );
+        let all_tcp = pb::PortRange {
+            protocol: pb::Protocol::Tcp as i32,
+            lo: 0,
+            hi: 65535,
+        };
         assert_eq!(port_matches(&[all_tcp]), vec![(Some(6), PortMatch::Any)]);
     }
 
@@ -265,12 +360,27 @@ mod tests {
             ingress_enforced: true,
             egress_enforced: false,
             rules: vec![
-                rule(pb::Direction::Ingress, pb::Verdict::Deny, pb::resolved_rule::Peer::Identities(pb::IdentitySet { ids: vec![2] }), vec![]),
-                rule(pb::Direction::Ingress, pb::Verdict::Allow, cidr("203.0.113.0/24", &[]), vec![]),
+                rule(
+                    pb::Direction::Ingress,
+                    pb::Verdict::Deny,
+                    pb::resolved_rule::Peer::Identities(pb::IdentitySet { ids: vec![2] }),
+                    vec![],
+                ),
+                rule(
+                    pb::Direction::Ingress,
+                    pb::Verdict::Allow,
+                    cidr("203.0.113.0/24", &[]),
+                    vec![],
+                ),
             ],
         };
         st.set_policies([(300, p)].into_iter().collect());
-        let denied: BTreeSet<u32> = st.entries_for(1, 300).iter().filter(|e| e.verdict == Verdict::Deny).filter_map(|e| e.peer_identity).collect();
+        let denied: BTreeSet<u32> = st
+            .entries_for(1, 300)
+            .iter()
+            .filter(|e| e.verdict == Verdict::Deny)
+            .filter_map(|e| e.peer_identity)
+            .collect();
         assert!(denied.contains(&2) && denied.contains(&CIDR_BASE));
     }
 }
@@ -289,11 +399,19 @@ impl PolicySink {
 }
 
 impl membrane_runtime::stream::StateSink for PolicySink {
-    async fn apply(&mut self, version: u64, state: &BTreeMap<String, prost_types::Any>, _changed: &[String]) -> Result<(), String> {
+    async fn apply(
+        &mut self,
+        version: u64,
+        state: &BTreeMap<String, prost_types::Any>,
+        _changed: &[String],
+    ) -> Result<(), String> {
         // Decode everything first: bad input changes nothing.
         let policies = decode(state)?;
         let n = policies.len();
-        self.endpoints.apply_policies(policies).await.map_err(|e| e.to_string())?;
+        self.endpoints
+            .apply_policies(policies)
+            .await
+            .map_err(|e| e.to_string())?;
         tracing::info!(version, identities = n, "policy applied");
         Ok(())
     }

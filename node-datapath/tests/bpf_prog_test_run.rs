@@ -366,7 +366,8 @@ fn host_delivers_traffic_from_another_node_to_a_local_pod() {
     }
     let (_pins, mut dp) = setup(ALL_ON);
     // The sender is a pod of another node, known to the ipcache.
-    dp.upsert_ipcache(Ipv4Net::new(REMOTE_POD, 32).expect("prefix"), 300).expect("ipcache");
+    dp.upsert_ipcache(Ipv4Net::new(REMOTE_POD, 32).expect("prefix"), 300)
+        .expect("ipcache");
     let from_remote = Ipv4Frame {
         src_mac: PEER_NODE_MAC,
         dst_mac: UNDERLAY_MAC,
@@ -424,7 +425,8 @@ fn host_falls_back_to_redirect_neigh_which_leaves_l2_to_the_kernel() {
         redirect_peer: false,
         redirect_neigh: true,
     });
-    dp.upsert_ipcache(Ipv4Net::new(REMOTE_POD, 32).expect("prefix"), 300).expect("ipcache");
+    dp.upsert_ipcache(Ipv4Net::new(REMOTE_POD, 32).expect("prefix"), 300)
+        .expect("ipcache");
     let syn = Ipv4Frame {
         src_mac: PEER_NODE_MAC,
         dst_mac: UNDERLAY_MAC,

@@ -509,11 +509,14 @@ async fn start(
 /// upstream router that learned them would have: the world can then reach
 /// pods (and policy decides whether it may).
 async fn route_external_to_pods(info: &ClusterInfo, tls: &TlsFiles) -> anyhow::Result<()> {
-    let Some(ipam) = info.services.iter().find(|s| s.name == "ipam") else { return Ok(()) };
+    let Some(ipam) = info.services.iter().find(|s| s.name == "ipam") else {
+        return Ok(());
+    };
     if !info.nodes.iter().any(|n| n.pid.is_some()) {
         return Ok(());
     }
-    let channel = membrane_runtime::grpc::connect(&ipam.endpoint, &ipam.server_name, Some(tls)).await?;
+    let channel =
+        membrane_runtime::grpc::connect(&ipam.endpoint, &ipam.server_name, Some(tls)).await?;
     let nodes = membrane_proto::ipam::v1::ipam_client::IpamClient::new(channel)
         .list_nodes(membrane_proto::ipam::v1::ListNodesRequest {})
         .await
@@ -521,7 +524,10 @@ async fn route_external_to_pods(info: &ClusterInfo, tls: &TlsFiles) -> anyhow::R
         .into_inner()
         .nodes;
     for n in nodes {
-        net::ip_in_netns(&info.external.netns, &["route", "replace", &n.pod_cidr, "via", &n.underlay_ip])?;
+        net::ip_in_netns(
+            &info.external.netns,
+            &["route", "replace", &n.pod_cidr, "via", &n.underlay_ip],
+        )?;
     }
     Ok(())
 }

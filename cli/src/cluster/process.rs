@@ -118,8 +118,11 @@ pub fn spawn(state_dir: &Path, launch: &Launch) -> anyhow::Result<Spawned> {
     if let Some(dir) = saved.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     }
-    std::fs::write(&saved, serde_json::to_vec_pretty(launch).context("serialize launch")?)
-        .with_context(|| format!("write {}", saved.display()))?;
+    std::fs::write(
+        &saved,
+        serde_json::to_vec_pretty(launch).context("serialize launch")?,
+    )
+    .with_context(|| format!("write {}", saved.display()))?;
 
     let child = cmd
         .spawn()

@@ -17,9 +17,9 @@ use super::process::{self, Launch};
 pub async fn restart(state_dir: &Path, component: &str) -> anyhow::Result<()> {
     let mut info = ClusterInfo::load(state_dir)?;
     let path = process::launch_file(state_dir, component);
-    let launch: Launch = serde_json::from_slice(
-        &std::fs::read(&path).with_context(|| format!("component `{component}` was not started by `membrane up` here"))?,
-    )
+    let launch: Launch = serde_json::from_slice(&std::fs::read(&path).with_context(|| {
+        format!("component `{component}` was not started by `membrane up` here")
+    })?)
     .with_context(|| format!("parse {}", path.display()))?;
     let (url, server_name) = if let Some(n) = info.nodes.iter().find(|n| n.name == component) {
         (n.endpoint.clone(), n.server_name.clone())
@@ -29,7 +29,10 @@ pub async fn restart(state_dir: &Path, component: &str) -> anyhow::Result<()> {
         anyhow::bail!("`{component}` is not a service or node of this cluster");
     };
 
-    let entries: Vec<_> = process::pid_entries(state_dir).into_iter().filter(|e| e.name == component).collect();
+    let entries: Vec<_> = process::pid_entries(state_dir)
+        .into_iter()
+        .filter(|e| e.name == component)
+        .collect();
     process::stop_all(&entries, components::program_of).await?;
     let child = process::spawn(state_dir, &launch)?;
     let pid = child.pid;

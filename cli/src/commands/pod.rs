@@ -71,7 +71,9 @@ fn parse_kv(field: &str, items: &[String]) -> anyhow::Result<BTreeMap<String, St
         .iter()
         .filter(|s| !s.is_empty())
         .map(|s| {
-            let (k, v) = s.split_once('=').with_context(|| format!("{field}: `{s}` is not k=v"))?;
+            let (k, v) = s
+                .split_once('=')
+                .with_context(|| format!("{field}: `{s}` is not k=v"))?;
             anyhow::ensure!(!k.is_empty(), "{field}: `{s}` has an empty key");
             Ok((k.to_string(), v.to_string()))
         })
@@ -82,10 +84,14 @@ fn parse_kv(field: &str, items: &[String]) -> anyhow::Result<BTreeMap<String, St
 fn check_name(field: &str, s: &str) -> anyhow::Result<()> {
     let ok = !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-');
-    anyhow::ensure!(ok, "{field}: `{s}` must be a DNS label (lowercase letters, digits, '-', at most 63)");
+    anyhow::ensure!(
+        ok,
+        "{field}: `{s}` must be a DNS label (lowercase letters, digits, '-', at most 63)"
+    );
     Ok(())
 }
 
@@ -94,7 +100,9 @@ fn pods_dir(state_dir: &Path) -> PathBuf {
 }
 
 fn record_path(state_dir: &Path, namespace: &str, name: &str) -> PathBuf {
-    pods_dir(state_dir).join(namespace).join(format!("{name}.json"))
+    pods_dir(state_dir)
+        .join(namespace)
+        .join(format!("{name}.json"))
 }
 
 /// Every recorded pod, sorted by namespace and name.
@@ -103,16 +111,24 @@ pub fn records(state_dir: &Path) -> Vec<PodRecord> {
         .into_iter()
         .flatten()
         .filter_map(Result::ok)
-        .flat_map(|ns| std::fs::read_dir(ns.path()).into_iter().flatten().filter_map(Result::ok))
+        .flat_map(|ns| {
+            std::fs::read_dir(ns.path())
+                .into_iter()
+                .flatten()
+                .filter_map(Result::ok)
+        })
         .filter_map(|f| serde_json::from_slice(&std::fs::read(f.path()).ok()?).ok())
         .collect();
-    out.sort_by(|a: &PodRecord, b: &PodRecord| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    out.sort_by(|a: &PodRecord, b: &PodRecord| {
+        (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name))
+    });
     out
 }
 
 fn find(state_dir: &Path, namespace: &str, name: &str) -> anyhow::Result<PodRecord> {
     let path = record_path(state_dir, namespace, name);
-    let bytes = std::fs::read(&path).with_context(|| format!("pod `{namespace}/{name}` not found"))?;
+    let bytes =
+        std::fs::read(&path).with_context(|| format!("pod `{namespace}/{name}` not found"))?;
     serde_json::from_slice(&bytes).with_context(|| format!("parse {}", path.display()))
 }
 
@@ -124,14 +140,25 @@ fn lock(state_dir: &Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
         .write(true)
         .open(state_dir.join("pods.lock"))
         .context("open pods.lock")?;
-    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| anyhow::anyhow!("lock pods.lock: {e}"))
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| anyhow::anyhow!("lock pods.lock: {e}"))
 }
 
 /// Runs the CNI plugin as a container runtime would.
 fn cni(ctx: &Ctx, command: &str, pod: &PodRecord) -> anyhow::Result<serde_json::Value> {
-    let plugin = components::find_binary(CNI_BINARY, std::env::var_os("MEMBRANE_BIN_DIR").map(PathBuf::from).as_deref())
-        .with_context(|| format!("{CNI_BINARY} not found next to membrane or on PATH"))?;
-    let socket = ctx.info.state_dir.join("nodes").join(&pod.node).join("agent.sock");
+    let plugin = components::find_binary(
+        CNI_BINARY,
+        std::env::var_os("MEMBRANE_BIN_DIR")
+            .map(PathBuf::from)
+            .as_deref(),
+    )
+    .with_context(|| format!("{CNI_BINARY} not found next to membrane or on PATH"))?;
+    let socket = ctx
+        .info
+        .state_dir
+        .join("nodes")
+        .join(&pod.node)
+        .join("agent.sock");
     let netconf = json!({
         "cniVersion": "1.0.0",
         "name": "membrane",
@@ -144,7 +171,13 @@ fn cni(ctx: &Ctx, command: &str, pod: &PodRecord) -> anyhow::Result<serde_json::
         .env("CNI_CONTAINERID", &pod.container_id)
         .env("CNI_NETNS", net::netns_path(&pod.netns))
         .env("CNI_IFNAME", "eth0")
-        .env("CNI_ARGS", format!("K8S_POD_NAMESPACE={};K8S_POD_NAME={}", pod.namespace, pod.name))
+        .env(
+            "CNI_ARGS",
+            format!(
+                "K8S_POD_NAMESPACE={};K8S_POD_NAME={}",
+                pod.namespace, pod.name
+            ),
+        )
         .env("CNI_PATH", plugin.parent().unwrap_or(Path::new("/")))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -152,11 +185,19 @@ fn cni(ctx: &Ctx, command: &str, pod: &PodRecord) -> anyhow::Result<serde_json::
         .spawn()
         .with_context(|| format!("run {}", plugin.display()))?;
     if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(netconf.to_string().as_bytes()).context("write netconf")?;
+        stdin
+            .write_all(netconf.to_string().as_bytes())
+            .context("write netconf")?;
     }
-    let out = child.wait_with_output().context("wait for the CNI plugin")?;
+    let out = child
+        .wait_with_output()
+        .context("wait for the CNI plugin")?;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let result: serde_json::Value = if stdout.trim().is_empty() { json!({}) } else { serde_json::from_str(&stdout).unwrap_or(json!({"raw": stdout})) };
+    let result: serde_json::Value = if stdout.trim().is_empty() {
+        json!({})
+    } else {
+        serde_json::from_str(&stdout).unwrap_or(json!({"raw": stdout}))
+    };
     if !out.status.success() {
         anyhow::bail!(
             "CNI {command} for pod `{}/{}` failed (code {}): {} {}",
@@ -164,7 +205,9 @@ fn cni(ctx: &Ctx, command: &str, pod: &PodRecord) -> anyhow::Result<serde_json::
             pod.name,
             result["code"],
             result["msg"].as_str().unwrap_or(&stdout),
-            result["details"].as_str().unwrap_or(&String::from_utf8_lossy(&out.stderr))
+            result["details"]
+                .as_str()
+                .unwrap_or(&String::from_utf8_lossy(&out.stderr))
         );
     }
     Ok(result)
@@ -178,7 +221,12 @@ pub async fn run(ctx: &Ctx, args: RunArgs) -> anyhow::Result<()> {
         ctx.info.nodes.iter().any(|n| n.name == args.node),
         "node `{}` is not part of this cluster (nodes: {})",
         args.node,
-        ctx.info.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", ")
+        ctx.info
+            .nodes
+            .iter()
+            .map(|n| n.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     let labels = parse_kv("labels", &args.labels)?;
     let annotations = parse_kv("annotation", &args.annotations)?;
@@ -197,14 +245,24 @@ pub async fn run(ctx: &Ctx, args: RunArgs) -> anyhow::Result<()> {
     };
     {
         let _lock = lock(&state_dir)?;
-        anyhow::ensure!(!path.exists(), "pod `{}/{}` already exists", args.namespace, args.name);
-        anyhow::ensure!(!net::netns_exists(&netns), "network namespace `{netns}` already exists");
+        anyhow::ensure!(
+            !path.exists(),
+            "pod `{}/{}` already exists",
+            args.namespace,
+            args.name
+        );
+        anyhow::ensure!(
+            !net::netns_exists(&netns),
+            "network namespace `{netns}` already exists"
+        );
         Record::load(&state_dir)?.add_netns(&netns)?;
         std::fs::create_dir_all(path.parent().context("pod dir")?).context("create pods dir")?;
         // Reserve the name before the slow part, so a concurrent run of the same pod fails here.
         std::fs::write(&path, serde_json::to_vec_pretty(&pod)?).context("write pod record")?;
     }
-    let attached = net::add_netns(&netns).map_err(anyhow::Error::from).and_then(|()| cni(ctx, "ADD", &pod));
+    let attached = net::add_netns(&netns)
+        .map_err(anyhow::Error::from)
+        .and_then(|()| cni(ctx, "ADD", &pod));
     let result = match attached {
         Ok(r) => r,
         Err(e) => {
@@ -217,7 +275,13 @@ pub async fn run(ctx: &Ctx, args: RunArgs) -> anyhow::Result<()> {
             return Err(e);
         }
     };
-    pod.ip = result["ips"][0]["address"].as_str().unwrap_or_default().split('/').next().unwrap_or_default().to_string();
+    pod.ip = result["ips"][0]["address"]
+        .as_str()
+        .unwrap_or_default()
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
     std::fs::write(&path, serde_json::to_vec_pretty(&pod)?).context("write pod record")?;
     match args.output.output {
         Format::Table => println!("{}", pod.ip),
@@ -251,7 +315,13 @@ pub fn list(ctx: &Ctx, format: Format) -> anyhow::Result<()> {
         .collect();
     output::print_items(
         format,
-        &[("NAMESPACE", "namespace"), ("NAME", "name"), ("NODE", "node"), ("IP", "ip"), ("LABELS", "labels")],
+        &[
+            ("NAMESPACE", "namespace"),
+            ("NAME", "name"),
+            ("NODE", "node"),
+            ("IP", "ip"),
+            ("LABELS", "labels"),
+        ],
         &items,
     )
 }
@@ -259,7 +329,10 @@ pub fn list(ctx: &Ctx, format: Format) -> anyhow::Result<()> {
 /// Runs `argv` in network namespace `netns`, returning its exit code.
 fn exec_in(netns: &str, argv: &[String]) -> anyhow::Result<i32> {
     anyhow::ensure!(!argv.is_empty(), "no command given (use `-- CMD ...`)");
-    anyhow::ensure!(net::netns_exists(netns), "network namespace `{netns}` does not exist");
+    anyhow::ensure!(
+        net::netns_exists(netns),
+        "network namespace `{netns}` does not exist"
+    );
     let status = Command::new("nsenter")
         .arg(format!("--net={}", net::netns_path(netns)))
         .arg("--")
@@ -311,26 +384,54 @@ pub async fn endpoints(ctx: &Ctx, format: Format) -> anyhow::Result<()> {
     }
     output::print_items(
         format,
-        &[("NODE", "node"), ("ID", "id"), ("POD", "pod"), ("ADDRESS", "address"), ("INTERFACE", "hostInterface"), ("IDENTITY", "identity"), ("PROGRAMMED", "programmed")],
+        &[
+            ("NODE", "node"),
+            ("ID", "id"),
+            ("POD", "pod"),
+            ("ADDRESS", "address"),
+            ("INTERFACE", "hostInterface"),
+            ("IDENTITY", "identity"),
+            ("PROGRAMMED", "programmed"),
+        ],
         &items,
     )
 }
 
 /// `membrane pod label`: replaces labels (`k=v` sets, `k-` removes), and moves
 /// the pod to the identity of its new label set.
-pub async fn label(ctx: &Ctx, namespace: &str, name: &str, changes: &[String]) -> anyhow::Result<()> {
+pub async fn label(
+    ctx: &Ctx,
+    namespace: &str,
+    name: &str,
+    changes: &[String],
+) -> anyhow::Result<()> {
     let state_dir = ctx.info.state_dir.clone();
     let mut pod = find(&state_dir, namespace, name)?;
-    anyhow::ensure!(!changes.is_empty(), "no label changes given (k=v to set, k- to remove)");
+    anyhow::ensure!(
+        !changes.is_empty(),
+        "no label changes given (k=v to set, k- to remove)"
+    );
     for c in changes {
         if let Some(key) = c.strip_suffix('-').filter(|k| !k.contains('=')) {
             pod.labels.remove(key);
         } else {
-            let (k, v) = parse_kv("labels", std::slice::from_ref(c))?.into_iter().next().context("label")?;
+            let (k, v) = parse_kv("labels", std::slice::from_ref(c))?
+                .into_iter()
+                .next()
+                .context("label")?;
             pod.labels.insert(k, v);
         }
     }
-    let target = ctx.nodes.iter().find(|n| n.name == pod.node).with_context(|| format!("node `{}` of pod `{namespace}/{name}` is not running", pod.node))?;
+    let target = ctx
+        .nodes
+        .iter()
+        .find(|n| n.name == pod.node)
+        .with_context(|| {
+            format!(
+                "node `{}` of pod `{namespace}/{name}` is not running",
+                pod.node
+            )
+        })?;
     let ep = node::node_client::NodeClient::new(ctx.connect(target).await?)
         .set_endpoint_labels(node::SetEndpointLabelsRequest {
             container_id: pod.container_id.clone(),
@@ -340,7 +441,11 @@ pub async fn label(ctx: &Ctx, namespace: &str, name: &str, changes: &[String]) -
         .await
         .map_err(|s| status_err(&format!("label pod `{namespace}/{name}`"), s))?
         .into_inner();
-    std::fs::write(record_path(&state_dir, namespace, name), serde_json::to_vec_pretty(&pod)?).context("write pod record")?;
+    std::fs::write(
+        record_path(&state_dir, namespace, name),
+        serde_json::to_vec_pretty(&pod)?,
+    )
+    .context("write pod record")?;
     println!("pod/{name} labeled (identity {})", ep.identity);
     Ok(())
 }
@@ -348,14 +453,30 @@ pub async fn label(ctx: &Ctx, namespace: &str, name: &str, changes: &[String]) -
 /// `membrane get ipcache`: the ipcache map of each node (or of one).
 pub async fn ipcache(ctx: &Ctx, only: Option<&str>, format: Format) -> anyhow::Result<()> {
     let mut items = Vec::new();
-    for n in ctx.nodes.iter().filter(|n| only.is_none_or(|o| o == n.name)) {
+    for n in ctx
+        .nodes
+        .iter()
+        .filter(|n| only.is_none_or(|o| o == n.name))
+    {
         let entries = node::node_client::NodeClient::new(ctx.connect(n).await?)
             .ipcache(node::IpcacheRequest {})
             .await
             .map_err(|s| status_err(&format!("ipcache of {}", n.name), s))?
             .into_inner()
             .entries;
-        items.extend(entries.into_iter().map(|e| json!({"node": n.name, "prefix": e.prefix, "identity": e.identity})));
+        items.extend(
+            entries
+                .into_iter()
+                .map(|e| json!({"node": n.name, "prefix": e.prefix, "identity": e.identity})),
+        );
     }
-    output::print_items(format, &[("NODE", "node"), ("PREFIX", "prefix"), ("IDENTITY", "identity")], &items)
+    output::print_items(
+        format,
+        &[
+            ("NODE", "node"),
+            ("PREFIX", "prefix"),
+            ("IDENTITY", "identity"),
+        ],
+        &items,
+    )
 }

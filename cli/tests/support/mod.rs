@@ -3,12 +3,12 @@
 //! and helpers that run code inside network namespaces.
 #![allow(dead_code)]
 
+use serde_json::Value;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use serde_json::Value;
 
 pub static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -218,7 +218,10 @@ pub fn alive(pid: u32) -> bool {
 
 /// Runs `f` on a thread that has entered network namespace `netns` (or the
 /// host's when `None`); sockets created there stay in that namespace.
-pub fn in_netns<T: Send + 'static>(netns: Option<&str>, f: impl FnOnce() -> T + Send + 'static) -> T {
+pub fn in_netns<T: Send + 'static>(
+    netns: Option<&str>,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
     let path = netns.map(|n| Path::new("/run/netns").join(n));
     std::thread::spawn(move || {
         if let Some(path) = path {
@@ -271,9 +274,11 @@ pub fn assert_nothing_left(cluster: &Cluster, pids: &[u32], nodes: u32) {
     }
 }
 
-
 /// Like [`in_netns`], but leaves the thread running (for servers).
-pub fn spawn_in_netns(netns: &str, f: impl FnOnce() + Send + 'static) -> std::thread::JoinHandle<()> {
+pub fn spawn_in_netns(
+    netns: &str,
+    f: impl FnOnce() + Send + 'static,
+) -> std::thread::JoinHandle<()> {
     let path = Path::new("/run/netns").join(netns);
     std::thread::spawn(move || {
         let file = std::fs::File::open(&path).expect("open netns");
@@ -303,7 +308,8 @@ pub fn echo_servers_on(netns: &str, tcp_ports: &[u16], udp_ports: &[u16]) {
                 });
             }
         });
-        rx.recv_timeout(Duration::from_secs(5)).expect("tcp server up");
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("tcp server up");
     }
     for &port in udp_ports {
         let (tx, rx) = std::sync::mpsc::channel();
@@ -315,7 +321,8 @@ pub fn echo_servers_on(netns: &str, tcp_ports: &[u16], udp_ports: &[u16]) {
                 let _ = s.send_to(&buf[..n], peer);
             }
         });
-        rx.recv_timeout(Duration::from_secs(5)).expect("udp server up");
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("udp server up");
     }
 }
 
@@ -327,7 +334,14 @@ pub fn tcp_ok(netns: &str, ip: &str, port: u16, bind: Option<&str>, timeout: Dur
         addr.push_str(&format!(",bind={b}"));
     }
     let mut child = match Command::new("nsenter")
-        .args([&format!("--net=/run/netns/{netns}"), "socat", "-T", &format!("{}", timeout.as_secs_f32()), "-", &addr])
+        .args([
+            &format!("--net=/run/netns/{netns}"),
+            "socat",
+            "-T",
+            &format!("{}", timeout.as_secs_f32()),
+            "-",
+            &addr,
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -339,13 +353,24 @@ pub fn tcp_ok(netns: &str, ip: &str, port: u16, bind: Option<&str>, timeout: Dur
     if let Some(mut stdin) = child.stdin.take() {
         let _ = std::io::Write::write_all(&mut stdin, b"membrane\n");
     }
-    child.wait_with_output().map(|o| o.status.success() && o.stdout == b"membrane\n").unwrap_or(false)
+    child
+        .wait_with_output()
+        .map(|o| o.status.success() && o.stdout == b"membrane\n")
+        .unwrap_or(false)
 }
 
 /// Whether one ping from inside `netns` to `ip` is answered within a second.
 pub fn ping_ok(netns: &str, ip: &str) -> bool {
     Command::new("nsenter")
-        .args([&format!("--net=/run/netns/{netns}"), "ping", "-c", "1", "-W", "1", ip])
+        .args([
+            &format!("--net=/run/netns/{netns}"),
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "1",
+            ip,
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()

@@ -76,7 +76,11 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// Serves `routes` (plus health) on a unix socket at `path`, without TLS:
 /// for local clients such as the CNI plugin, guarded by file permissions
 /// (the socket is made accessible to its owner only).
-pub async fn serve_unix<F>(path: &std::path::Path, routes: Routes, shutdown: F) -> anyhow::Result<()>
+pub async fn serve_unix<F>(
+    path: &std::path::Path,
+    routes: Routes,
+    shutdown: F,
+) -> anyhow::Result<()>
 where
     F: Future<Output = ()> + Send + 'static,
 {
@@ -86,14 +90,18 @@ where
     }
     // A socket left by a previous process would make bind fail.
     let _ = std::fs::remove_file(path);
-    let listener = tokio::net::UnixListener::bind(path).with_context(|| format!("bind {}", path.display()))?;
+    let listener =
+        tokio::net::UnixListener::bind(path).with_context(|| format!("bind {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("chmod {}", path.display()))?;
     let (_reporter, health) = tonic_health::server::health_reporter();
     Server::builder()
         .trace_fn(rpc_span)
         .add_routes(routes.add_service(health))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::UnixListenerStream::new(listener),
+            shutdown,
+        )
         .await
         .context("grpc server on unix socket")?;
     Ok(())

@@ -109,7 +109,11 @@ impl IpamStore {
                 flags: config.to_string(),
             });
         }
-        Ok(Self { store, config, nodes: Default::default() })
+        Ok(Self {
+            store,
+            config,
+            nodes: Default::default(),
+        })
     }
 
     /// The pool configuration.
@@ -282,9 +286,15 @@ impl IpamStore {
     /// returns the owner's and the node's keys, telling which case it was.
     /// After a few collisions (a filling pool) the candidate is picked from a
     /// listing of the node's used addresses, which also detects exhaustion.
-    pub async fn allocate(&self, node: &str, owner: &str) -> Result<(AllocRecord, Ipv4Net), IpamError> {
+    pub async fn allocate(
+        &self,
+        node: &str,
+        owner: &str,
+    ) -> Result<(AllocRecord, Ipv4Net), IpamError> {
         if owner.is_empty() {
-            return Err(IpamError::Empty { field: "owner".into() });
+            return Err(IpamError::Empty {
+                field: "owner".into(),
+            });
         }
         let okey = self.store.key(&owner_key(node, owner));
         let nkey = self.store.key(&node_key(node));
@@ -305,10 +315,18 @@ impl IpamStore {
                     .iter()
                     .filter_map(|k| k.rsplit('/').next()?.parse().ok())
                     .collect();
-                pool::pick_free(rec.pod_cidr, &used, rand::random::<u32>())
-                    .ok_or_else(|| IpamError::Exhausted { node: node.into(), cidr: rec.pod_cidr })?
+                pool::pick_free(rec.pod_cidr, &used, rand::random::<u32>()).ok_or_else(|| {
+                    IpamError::Exhausted {
+                        node: node.into(),
+                        cidr: rec.pod_cidr,
+                    }
+                })?
             };
-            let alloc = AllocRecord { node: node.into(), ip, owner: owner.into() };
+            let alloc = AllocRecord {
+                node: node.into(),
+                ip,
+                owner: owner.into(),
+            };
             let akey = self.store.key(&alloc_key(node, ip));
             let txn = Txn::new()
                 .when([
@@ -317,8 +335,14 @@ impl IpamStore {
                     // The node we know is still the node (not removed and re-added).
                     Compare::create_revision(nkey.as_str(), CompareOp::Equal, node_rev),
                 ])
-                .and_then([TxnOp::put(akey.as_str(), to_json(&alloc), None), TxnOp::put(okey.as_str(), to_json(&ip), None)])
-                .or_else([TxnOp::get(okey.as_str(), None), TxnOp::get(nkey.as_str(), None)]);
+                .and_then([
+                    TxnOp::put(akey.as_str(), to_json(&alloc), None),
+                    TxnOp::put(okey.as_str(), to_json(&ip), None),
+                ])
+                .or_else([
+                    TxnOp::get(okey.as_str(), None),
+                    TxnOp::get(nkey.as_str(), None),
+                ]);
             let resp = client.txn(txn).await?;
             if resp.succeeded() {
                 tracing::debug!(node = %node, ip = %ip, owner = %owner, "address allocated");
@@ -333,7 +357,9 @@ impl IpamStore {
                 })
                 .collect();
             let [owner_get, node_get] = gets.as_slice() else {
-                return Err(IpamError::Store("transaction returned an unexpected shape".into()));
+                return Err(IpamError::Store(
+                    "transaction returned an unexpected shape".into(),
+                ));
             };
             let Some(node_kv) = node_get.kvs().first() else {
                 self.forget_node(node);
@@ -342,7 +368,14 @@ impl IpamStore {
             let current: NodeRecord = decode(&nkey, node_kv.value())?;
             if let Some(kv) = owner_get.kvs().first() {
                 let ip: Ipv4Addr = decode(&okey, kv.value())?;
-                return Ok((AllocRecord { node: node.into(), ip, owner: owner.into() }, current.pod_cidr));
+                return Ok((
+                    AllocRecord {
+                        node: node.into(),
+                        ip,
+                        owner: owner.into(),
+                    },
+                    current.pod_cidr,
+                ));
             }
             // The address was taken, or the node changed: try again with what we now know.
             cached = Some((current, node_kv.create_revision()));
@@ -352,24 +385,40 @@ impl IpamStore {
     }
 
     fn cached_node(&self, node: &str) -> Option<(NodeRecord, i64)> {
-        self.nodes.lock().unwrap_or_else(|p| p.into_inner()).get(node).cloned()
+        self.nodes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(node)
+            .cloned()
     }
 
     fn remember_node(&self, node: &str, entry: Option<(NodeRecord, i64)>) {
         if let Some(e) = entry {
-            self.nodes.lock().unwrap_or_else(|p| p.into_inner()).insert(node.to_string(), e);
+            self.nodes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(node.to_string(), e);
         }
     }
 
     fn forget_node(&self, node: &str) {
-        self.nodes.lock().unwrap_or_else(|p| p.into_inner()).remove(node);
+        self.nodes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(node);
     }
 
     async fn load_node(&self, node: &str) -> Result<(NodeRecord, i64), IpamError> {
         let key = self.store.key(&node_key(node));
         let resp = self.store.client().get(key.as_str(), None).await?;
-        let kv = resp.kvs().first().ok_or_else(|| IpamError::UnknownNode(node.to_string()))?;
-        let entry = (decode::<NodeRecord>(&key, kv.value())?, kv.create_revision());
+        let kv = resp
+            .kvs()
+            .first()
+            .ok_or_else(|| IpamError::UnknownNode(node.to_string()))?;
+        let entry = (
+            decode::<NodeRecord>(&key, kv.value())?,
+            kv.create_revision(),
+        );
         self.remember_node(node, Some(entry.clone()));
         Ok(entry)
     }
