@@ -89,6 +89,20 @@ impl Node for ScriptedAgent {
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<NodeStatus>, Status> {
         Err(Status::unimplemented("not scripted"))
     }
+
+    async fn set_endpoint_labels(
+        &self,
+        _: Request<membrane_proto::node::v1::SetEndpointLabelsRequest>,
+    ) -> Result<Response<membrane_proto::node::v1::Endpoint>, Status> {
+        Err(Status::unimplemented("not scripted"))
+    }
+
+    async fn ipcache(
+        &self,
+        _: Request<membrane_proto::node::v1::IpcacheRequest>,
+    ) -> Result<Response<membrane_proto::node::v1::IpcacheResponse>, Status> {
+        Err(Status::unimplemented("not scripted"))
+    }
 }
 
 /// A scripted agent serving on a socket in a temporary directory.
