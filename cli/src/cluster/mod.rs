@@ -500,8 +500,9 @@ async fn start(
             ip: plan.external.ip,
         },
     };
-    info.save()?;
+    // cluster.json appears only once everything is ready.
     route_external_to_pods(&info, &cli_tls).await?;
+    info.save()?;
     Ok((info, children))
 }
 
