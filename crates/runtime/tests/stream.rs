@@ -181,8 +181,11 @@ async fn stale_versions_are_ignored_and_versions_only_grow() {
     // A re-list at an older revision that differs still moves forward.
     publisher.replace_all(3, vec![("k".into(), Scope::All, any("relisted"))]);
     assert_eq!(publisher.version(), 11);
-    // A re-list with nothing new publishes nothing.
-    publisher.replace_all(11, vec![("k".into(), Scope::All, any("relisted"))]);
+    // A re-list with nothing new publishes nothing, and leaves the version.
+    publisher.replace_all(12, vec![("k".into(), Scope::All, any("relisted"))]);
+    assert_eq!(publisher.version(), 11);
+    // Nor does an update that repeats the current value.
+    publisher.apply(13, vec![upsert("k", Scope::All, "relisted")]);
     assert_eq!(publisher.version(), 11);
     assert_eq!(publisher.len(), 1);
 }

@@ -154,7 +154,6 @@ impl Publisher {
             }
         }
         if changes.is_empty() {
-            st.version = st.version.max(version);
             return;
         }
         // Versions only grow, even if the store's revision went backwards.
@@ -174,6 +173,9 @@ impl Publisher {
                     let old = st
                         .resources
                         .insert(key.clone(), (scope.clone(), value.clone()));
+                    if old.as_ref() == Some(&(scope.clone(), value.clone())) {
+                        continue; // The same value again: nothing to publish.
+                    }
                     if let Some((old_scope, _)) = old.filter(|(s, _)| *s != scope) {
                         delta.removals.push((key.clone(), old_scope));
                     }
@@ -185,6 +187,11 @@ impl Publisher {
                     }
                 }
             }
+        }
+        // A version that changes nothing is not published: a node that has
+        // acknowledged the current version is then known to be in sync.
+        if delta.upserts.is_empty() && delta.removals.is_empty() {
+            return;
         }
         st.version = version;
         // No receivers is fine: no node is subscribed.
