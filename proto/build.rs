@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "membrane/objects/v1/objects.proto",
         "membrane/ipam/v1/ipam.proto",
         "membrane/node/v1/node.proto",
+        "membrane/observer/v1/observer.proto",
         "membrane/identity/v1/identity.proto",
         "membrane/policy/v1/policy.proto",
     ];

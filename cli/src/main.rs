@@ -93,6 +93,8 @@ enum Command {
         #[command(subcommand)]
         what: IpamCommand,
     },
+    /// Flows the datapath saw (Hubble-style), for the cluster through the relay or for one node.
+    Observe(commands::observe::ObserveArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -302,6 +304,7 @@ async fn run(cli: Cli) -> anyhow::Result<Exit> {
         Command::Ipam {
             what: IpamCommand::Release { node, ip },
         } => commands::ipam::release(&ctx()?, &node, &ip).await?,
+        Command::Observe(args) => commands::observe::run(&ctx()?, args).await?,
     }
     Ok(Exit::Ok)
 }

@@ -21,8 +21,9 @@ use tokio::sync::watch;
 use crate::api::{NodeApi, NodeFacts};
 use crate::bpf;
 use crate::endpoints::{EndpointManager, NodeNet};
-use crate::identity::{IdentityClient, IpcacheMap, IpcacheSink};
+use crate::identity::{ClusterView, IdentityClient, IpcacheMap, IpcacheSink};
 use crate::masquerade;
+use crate::observer::{self, Observer, ObserverService};
 use crate::policy::PolicySink;
 use crate::routes::{IpRouteTable, RouteSink};
 
@@ -93,10 +94,24 @@ pub struct Args {
     /// How local pods are delivered.
     #[arg(long, env = "MEMBRANE_DELIVERY", value_enum, default_value = "auto")]
     pub delivery: Delivery,
+    /// Record flows from the datapath's events (off: the agent does not read
+    /// them, for benchmarks; the datapath still emits them).
+    #[arg(
+        long,
+        env = "MEMBRANE_FLOWS",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub flows: bool,
+    /// How many recent flows the node keeps for `GetFlows`.
+    #[arg(long, env = "MEMBRANE_FLOWS_CAPACITY", default_value_t = observer::DEFAULT_CAPACITY)]
+    pub flows_capacity: usize,
     #[command(flatten)]
     pub tls: flags::TlsFlags,
     #[command(flatten)]
     pub telemetry: flags::TelemetryFlags,
+    #[command(flatten)]
+    pub metrics: flags::MetricsFlags,
 }
 
 /// How pods on this node are delivered by the eBPF datapath.
@@ -115,6 +130,7 @@ pub enum Delivery {
 /// Runs the agent until SIGINT/SIGTERM.
 pub async fn main(args: Args) -> anyhow::Result<()> {
     let _telemetry = telemetry::init("membrane-node-datapath", &args.telemetry)?;
+    membrane_runtime::metrics::start(&args.metrics).await?;
     let tls = args.tls.files()?;
     let ipam_channel =
         rpc::connect_lazy(&args.ipam_endpoint, &args.ipam_server_name, tls.as_ref())?;
@@ -155,7 +171,21 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
         .attach(bpf::Hook::Host, underlay_ifindex)
         .context("attach bpf_host to the underlay")?;
     tracing::info!(delivery, ?mode, dev = %args.underlay_dev, "datapath loaded");
+    // Taken once, before anything else could: the reader is one per datapath.
+    let events = if args.flows {
+        Some(
+            datapath
+                .events()
+                .context("take the datapath's event reader")?
+                .into_async()
+                .context("register the event ring buffer with tokio")?,
+        )
+    } else {
+        tracing::warn!("flows are off (--flows=false): the datapath's events are not read");
+        None
+    };
     let datapath = Arc::new(Mutex::new(datapath));
+    crate::metrics::register_datapath(datapath.clone());
 
     masquerade::install(pod_cidr, cluster_cidr, &args.underlay_dev)
         .context("install masquerading (nftables)")?;
@@ -193,6 +223,28 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
     // Desired state from the services.
     let (applied_tx, applied_rx) = watch::channel(BTreeMap::new());
     let mut tasks = Vec::new();
+
+    // Flows: the pump reads the datapath's events into the observer's ring.
+    let view = ClusterView::default();
+    let flows = Observer::new(args.node_name.clone(), args.flows_capacity, args.flows);
+    flows.set_metrics(crate::metrics::FlowMetrics::global());
+    if let Some(reader) = events {
+        let builder = observer::FlowBuilder::new(
+            args.node_name.clone(),
+            observer::clock::WallClock::measure(),
+            endpoints.clone(),
+            view.clone(),
+        );
+        let counters: Arc<dyn observer::EventCounters> =
+            Arc::new(observer::DatapathCounters(datapath.clone()));
+        tasks.extend(observer::spawn_pump(
+            reader,
+            builder,
+            flows.clone(),
+            Some(counters),
+        ));
+        tracing::info!(capacity = args.flows_capacity, "flows recorded");
+    }
     let routes = RouteSink::new(
         args.node_name.clone(),
         IpRouteTable {
@@ -209,7 +261,8 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
     if let Some((client, channel)) = identity {
         // Pods cannot get identities before the node holds a lease.
         first_lease(&client).await?;
-        let sink = IpcacheSink::new(args.node_name.clone(), DatapathIpcache(datapath.clone()));
+        let sink = IpcacheSink::new(args.node_name.clone(), DatapathIpcache(datapath.clone()))
+            .with_view(view.clone());
         tasks.push(subscribe(
             &args.node_name,
             "identity",
@@ -259,10 +312,11 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
     });
 
     tracing::info!(addr = %args.listen, socket = %socket.display(), "node api serving");
+    let routes = tonic::service::Routes::new(api).add_service(ObserverService::new(flows).server());
     let served = rpc::serve(
         listener,
-        tonic::service::Routes::new(api),
-        &["membrane.node.v1.Node"],
+        routes,
+        &["membrane.node.v1.Node", "membrane.observer.v1.Observer"],
         tls.as_ref(),
         rpc::shutdown_signal(),
     )

@@ -2,10 +2,13 @@
 //! pod's labels, recording pod and node addresses in the cluster-wide
 //! ipcache (both through the identity service), keeping the node's lease
 //! alive, and writing the ipcache that the identity service publishes into
-//! the eBPF `ipcache` map.
+//! the eBPF `ipcache` map. The same stream also keeps a [`ClusterView`]
+//! current (identity labels, who owns each ipcache address) for the flow
+//! observer's enrichment, so the node opens the stream once.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
+use std::sync::{Arc, RwLock};
 
 use ipnet::Ipv4Net;
 use membrane_proto::identity::v1 as pb;
@@ -163,7 +166,39 @@ pub fn desired_ipcache(
     Ok(out)
 }
 
-/// Applies the identity service's stream to the eBPF ipcache.
+/// The labels of every identity the identity service published
+/// (`identity/<id>` → `IdentityInfo`), as sorted `source:key=value` strings.
+/// Shared and cheap to clone; readers never wait for the stream long.
+#[derive(Debug, Clone, Default)]
+pub struct IdentityLabels(Arc<RwLock<HashMap<u32, Arc<[String]>>>>);
+
+/// Who an ipcache address belongs to (`ipcache/<prefix>` → `IpcacheEntry`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpcacheOwner {
+    /// The address's identity.
+    pub identity: u32,
+    /// Node hosting the pod, or the node whose underlay address it is.
+    pub node: String,
+    /// Pod namespace; empty for node addresses.
+    pub namespace: String,
+    /// Pod name; empty for node addresses.
+    pub pod: String,
+}
+
+/// Host addresses (`/32` entries) of the published ipcache and who owns
+/// them: how a flow to a pod on another node still shows its pod and node.
+#[derive(Debug, Clone, Default)]
+pub struct IpcacheOwners(Arc<RwLock<HashMap<Ipv4Addr, IpcacheOwner>>>);
+
+/// What the identity stream tells the observer about the cluster.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterView {
+    pub labels: IdentityLabels,
+    pub owners: IpcacheOwners,
+}
+
+/// Applies the identity service's stream to the eBPF ipcache (and, when
+/// given one, to a [`ClusterView`]).
 ///
 /// A snapshot (or a retry after a failure) reconciles the whole map against
 /// the kernel's contents; an update touches only the changed prefixes, so
@@ -174,6 +209,110 @@ pub struct IpcacheSink<M> {
     map: M,
     /// What this sink programmed, when known to match the kernel map.
     programmed: Option<BTreeMap<Ipv4Net, u32>>,
+    /// Kept current from every apply; `view_synced` once a full pass ran.
+    view: Option<ClusterView>,
+    view_synced: bool,
+}
+
+// === impl IdentityLabels ===
+
+impl IdentityLabels {
+    /// The labels of `id`, if the identity service published it.
+    pub fn get(&self, id: u32) -> Option<Arc<[String]>> {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned()
+    }
+
+    /// Identities known.
+    pub fn len(&self) -> usize {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether no identity is known.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Sets (or, with `None`, removes) the labels of `id`.
+    pub fn set(&self, id: u32, labels: Option<Vec<String>>) {
+        let mut m = self.0.write().unwrap_or_else(|p| p.into_inner());
+        match labels {
+            Some(l) => m.insert(id, l.into()),
+            None => m.remove(&id),
+        };
+    }
+}
+
+// === impl IpcacheOwners ===
+
+impl IpcacheOwners {
+    /// Who `ip` belongs to, if the ipcache has it as a host address.
+    pub fn get(&self, ip: Ipv4Addr) -> Option<IpcacheOwner> {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&ip)
+            .cloned()
+    }
+
+    /// Sets (or, with `None`, removes) the owner of `ip`.
+    pub fn set(&self, ip: Ipv4Addr, owner: Option<IpcacheOwner>) {
+        let mut m = self.0.write().unwrap_or_else(|p| p.into_inner());
+        match owner {
+            Some(o) => m.insert(ip, o),
+            None => m.remove(&ip),
+        };
+    }
+}
+
+// === impl ClusterView ===
+
+impl ClusterView {
+    /// Updates from the stream's state: every `identity/` and `ipcache/`
+    /// key when `full`, else only `changed`. Entries that do not decode are
+    /// skipped (the view is for observability; the ipcache map NACKs them).
+    pub fn update(&self, state: &BTreeMap<String, Any>, changed: &[String], full: bool) {
+        let keys: Vec<&String> = if full {
+            let mut labels = self.labels.0.write().unwrap_or_else(|p| p.into_inner());
+            labels.clear();
+            drop(labels);
+            self.owners
+                .0
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+            state.keys().collect()
+        } else {
+            changed.iter().collect()
+        };
+        for key in keys {
+            let value = state.get(key);
+            if let Some(id) = key.strip_prefix("identity/") {
+                let Ok(id) = id.parse::<u32>() else { continue };
+                let info = value.and_then(|v| v.to_msg::<pb::IdentityInfo>().ok());
+                self.labels.set(id, info.map(|i| i.labels));
+            } else if let Some(prefix) = key.strip_prefix("ipcache/") {
+                let Ok(net) = prefix.parse::<Ipv4Net>() else {
+                    continue;
+                };
+                if net.prefix_len() != 32 {
+                    continue;
+                }
+                let owner = value
+                    .and_then(|v| v.to_msg::<pb::IpcacheEntry>().ok())
+                    .map(|e| IpcacheOwner {
+                        identity: e.identity,
+                        node: e.node,
+                        namespace: e.namespace,
+                        pod: e.pod,
+                    });
+                self.owners.set(net.addr(), owner);
+            }
+        }
+    }
 }
 
 impl<M: IpcacheMap> IpcacheSink<M> {
@@ -183,7 +322,15 @@ impl<M: IpcacheMap> IpcacheSink<M> {
             node: node.into(),
             map,
             programmed: None,
+            view: None,
+            view_synced: false,
         }
+    }
+
+    /// Also keeps `view` current from the stream.
+    pub fn with_view(mut self, view: ClusterView) -> Self {
+        self.view = Some(view);
+        self
     }
 
     /// Makes the map hold exactly the desired entries; decodes everything first.
@@ -261,6 +408,12 @@ impl<M: IpcacheMap> StateSink for IpcacheSink<M> {
         state: &BTreeMap<String, Any>,
         changed: &[String],
     ) -> Result<(), String> {
+        // The view follows the published state even when the map NACKs:
+        // `changed` is relative to the previous call, whatever its outcome.
+        if let Some(view) = &self.view {
+            view.update(state, changed, !self.view_synced);
+            self.view_synced = true;
+        }
         self.apply_changes(state, changed)?;
         tracing::debug!(version, changed = changed.len(), "ipcache applied");
         Ok(())
@@ -351,6 +504,65 @@ mod tests {
         );
         assert!(sink.reconcile(&state).is_err());
         assert_eq!(sink.map.0.len(), 1);
+    }
+
+    fn pod_entry(prefix: &str, identity: u32, node: &str, ns: &str, pod: &str) -> (String, Any) {
+        let e = pb::IpcacheEntry {
+            prefix: prefix.into(),
+            identity,
+            node: node.into(),
+            namespace: ns.into(),
+            pod: pod.into(),
+        };
+        (
+            format!("ipcache/{prefix}"),
+            Any::from_msg(&e).expect("encode"),
+        )
+    }
+
+    fn identity(id: u32, labels: &[&str]) -> (String, Any) {
+        let i = pb::IdentityInfo {
+            id,
+            labels: labels.iter().map(|l| l.to_string()).collect(),
+            reserved: false,
+        };
+        (format!("identity/{id}"), Any::from_msg(&i).expect("encode"))
+    }
+
+    #[tokio::test]
+    async fn the_sink_keeps_identity_labels_and_ipcache_owners_current_for_the_observer() {
+        let view = ClusterView::default();
+        let mut sink = IpcacheSink::new("node-1", FakeMap::default()).with_view(view.clone());
+        let mut state: BTreeMap<_, _> = [
+            identity(300, &["k8s:app=db"]),
+            pod_entry("10.200.2.5/32", 300, "node-2", "prod", "db-0"),
+        ]
+        .into_iter()
+        .collect();
+        let all: Vec<String> = state.keys().cloned().collect();
+        sink.apply(1, &state, &all).await.expect("snapshot");
+        assert_eq!(
+            view.labels.get(300).as_deref(),
+            Some(&["k8s:app=db".to_string()][..])
+        );
+        let owner = view
+            .owners
+            .get("10.200.2.5".parse().expect("ip"))
+            .expect("owner");
+        assert_eq!(
+            (owner.node.as_str(), owner.pod.as_str()),
+            ("node-2", "db-0")
+        );
+
+        let (k, v) = identity(301, &["k8s:app=web"]);
+        state.insert(k.clone(), v);
+        state.remove("identity/300");
+        state.remove("ipcache/10.200.2.5/32");
+        let changed = [k, "identity/300".into(), "ipcache/10.200.2.5/32".into()];
+        sink.apply(2, &state, &changed).await.expect("update");
+        assert!(view.labels.get(300).is_none());
+        assert!(view.labels.get(301).is_some());
+        assert!(view.owners.get("10.200.2.5".parse().expect("ip")).is_none());
     }
 
     #[test]

@@ -8,7 +8,9 @@
 //! - [`netlink`]: iproute2 invocations, in the node's or a pod's namespace.
 //! - [`policy`]: network policy from the policy service's stream into per-endpoint eBPF entries.
 //! - [`masquerade`]: nftables masquerading of traffic leaving the cluster.
+//! - [`metrics`]: Prometheus metrics of the node: datapath counters, drops, flow observer hooks.
 //! - [`api`]: the node's gRPC API (`membrane.node.v1.Node`).
+//! - [`observer`]: flows from the datapath's events: ring, filters, `membrane.observer.v1.Observer`.
 //! - [`agent`]: the daemon: registration, datapath, stream subscriptions, serving.
 
 pub mod agent;
@@ -17,6 +19,8 @@ pub mod bpf;
 pub mod endpoints;
 pub mod identity;
 pub mod masquerade;
+pub mod metrics;
 pub mod netlink;
+pub mod observer;
 pub mod policy;
 pub mod routes;

@@ -58,3 +58,10 @@ pub mod policy {
         tonic::include_proto!("membrane.policy.v1");
     }
 }
+
+/// `membrane.observer.v1`: flows, per node and through the relay.
+pub mod observer {
+    pub mod v1 {
+        tonic::include_proto!("membrane.observer.v1");
+    }
+}

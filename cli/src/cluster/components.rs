@@ -41,6 +41,7 @@ impl ServiceSpec {
 pub const SERVICES: &[ServiceSpec] = &[
     ServiceSpec { name: "ipam", binary: "membrane-ipam", port: 7101, node_env: "MEMBRANE_IPAM_ENDPOINT" },
     ServiceSpec { name: "identity", binary: "membrane-identity", port: 7102, node_env: "MEMBRANE_IDENTITY_ENDPOINT" },
+    ServiceSpec { name: "relay", binary: "membrane-relay", port: 7108, node_env: "MEMBRANE_RELAY_ENDPOINT" },
     ServiceSpec { name: "policy", binary: "membrane-policy", port: 7103, node_env: "MEMBRANE_POLICY_ENDPOINT" },
     ServiceSpec { name: "lb", binary: "membrane-lb", port: 7104, node_env: "MEMBRANE_LB_ENDPOINT" },
     ServiceSpec { name: "bandwidth", binary: "membrane-bandwidth", port: 7105, node_env: "MEMBRANE_BANDWIDTH_ENDPOINT" },

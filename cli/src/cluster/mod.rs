@@ -381,6 +381,10 @@ async fn start(
             ("MEMBRANE_LISTEN".to_string(), listen.clone()),
             ("MEMBRANE_ETCD_ENDPOINTS".to_string(), etcd_endpoint.clone()),
         ]);
+        env.push((
+            "MEMBRANE_METRICS_LISTEN".to_string(),
+            format!("{}:{}", plan.gateway, spec.port + 2000),
+        ));
         // Services that follow others' streams (policy follows identity)
         // find them the way nodes do. The table is in dependency order.
         for (dep, service) in &started {
@@ -444,6 +448,10 @@ async fn start(
                 ("MEMBRANE_UNDERLAY_IP".to_string(), node.ip.to_string()),
                 ("MEMBRANE_UNDERLAY_DEV".to_string(), NS_DEV.to_string()),
                 ("MEMBRANE_LISTEN".to_string(), listen),
+                (
+                    "MEMBRANE_METRICS_LISTEN".to_string(),
+                    format!("{}:9200", node.ip),
+                ),
                 (
                     "MEMBRANE_BPF_PIN_DIR".to_string(),
                     Path::new(BPF_ROOT).join(&node.netns).display().to_string(),

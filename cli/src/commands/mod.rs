@@ -4,6 +4,7 @@ pub mod apply;
 pub mod get;
 pub mod identities;
 pub mod ipam;
+pub mod observe;
 pub mod pod;
 pub mod policy;
 pub mod status;

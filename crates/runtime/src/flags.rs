@@ -80,3 +80,49 @@ pub struct TelemetryFlags {
     #[arg(long = "otlp-endpoint", env = "MEMBRANE_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
 }
+
+/// Prometheus metrics.
+#[derive(Debug, Clone, Args, Default)]
+pub struct MetricsFlags {
+    /// Address of the plain-HTTP `/metrics` endpoint (Prometheus text
+    /// format), e.g. `10.99.0.1:9101`. Off when unset.
+    #[arg(long = "metrics-listen", env = "MEMBRANE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory as _, Parser};
+
+    use super::*;
+
+    /// Every group flattened into one command, as a binary does.
+    #[derive(Debug, Parser)]
+    struct All {
+        #[command(flatten)]
+        listen: ListenFlags,
+        #[command(flatten)]
+        tls: TlsFlags,
+        #[command(flatten)]
+        etcd: EtcdFlags,
+        #[command(flatten)]
+        telemetry: TelemetryFlags,
+        #[command(flatten)]
+        metrics: MetricsFlags,
+    }
+
+    #[test]
+    fn every_group_fits_in_one_command_without_clashing_names() {
+        All::command().debug_assert();
+        let all = All::try_parse_from([
+            "x",
+            "--listen",
+            "127.0.0.1:7101",
+            "--metrics-listen",
+            "127.0.0.1:9101",
+        ])
+        .expect("parse");
+        assert_eq!(all.listen.listen.port(), 7101);
+        assert_eq!(all.metrics.metrics_listen.map(|a| a.port()), Some(9101));
+    }
+}

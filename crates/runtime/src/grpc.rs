@@ -6,6 +6,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use futures::FutureExt as _;
 use opentelemetry::propagation::{Extractor, Injector};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -14,6 +15,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint, Server};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
+use crate::metrics::rpc::RpcMetricsLayer;
 use crate::tls::TlsFiles;
 
 /// A client channel that carries the current trace context to the server.
@@ -38,12 +40,9 @@ where
             .set_service_status(name, tonic_health::ServingStatus::Serving)
             .await;
     }
-    let mut builder = Server::builder().trace_fn(rpc_span);
-    if let Some(tls) = tls {
-        builder = builder
-            .tls_config(tls.server_config()?)
-            .context("configure server tls")?;
-    }
+    let mut builder = Server::builder().trace_fn(rpc_span).layer(RpcMetricsLayer);
+    crate::metrics::rpc::register();
+    let router = builder.add_routes(routes.add_service(health));
     // Long-lived streams (desired state, flows) never finish by themselves:
     // after the shutdown signal, in-flight calls get a grace period, then the
     // server stops regardless.
@@ -52,10 +51,6 @@ where
         shutdown.await;
         let _ = fired_tx.send(());
     };
-    let server = builder
-        .add_routes(routes.add_service(health))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
-    tokio::pin!(server);
     let grace = async {
         if fired_rx.await.is_ok() {
             tokio::time::sleep(SHUTDOWN_GRACE).await;
@@ -63,8 +58,24 @@ where
             std::future::pending::<()>().await;
         }
     };
+    // TLS is accepted here, not by tonic, so that each new connection gets
+    // the certificate and CA currently on disk (`tls::ReloadingTls`).
+    let server = match tls {
+        Some(tls) => {
+            let config = tls
+                .reloading()
+                .and_then(|t| t.server_config())
+                .context("configure server tls")?;
+            router
+                .serve_with_incoming_shutdown(crate::tls::incoming(listener, config), signal)
+                .boxed()
+        }
+        None => router
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
+            .boxed(),
+    };
     tokio::select! {
-        r = &mut server => r.context("grpc server")?,
+        r = server => r.context("grpc server")?,
         _ = grace => tracing::info!("grace period over; closing remaining streams"),
     }
     Ok(())
@@ -97,6 +108,7 @@ where
     let (_reporter, health) = tonic_health::server::health_reporter();
     Server::builder()
         .trace_fn(rpc_span)
+        .layer(RpcMetricsLayer)
         .add_routes(routes.add_service(health))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::UnixListenerStream::new(listener),
@@ -161,25 +173,40 @@ pub fn connect_lazy(
     server_name: &str,
     tls: Option<&TlsFiles>,
 ) -> anyhow::Result<GrpcChannel> {
-    let url = match (tls.is_some(), url.strip_prefix("http://")) {
-        (true, Some(rest)) => format!("https://{rest}"),
-        _ => url.to_string(),
+    let Some(tls) = tls else {
+        return Ok(InterceptedService::new(
+            endpoint(url)?.connect_lazy(),
+            TracePropagation,
+        ));
     };
-    let mut endpoint = Endpoint::from_shared(url.clone())
+    // TLS is done by our connector, with the certificate and CA currently on
+    // disk (`tls::ReloadingTls`), so tonic's own TLS must not see `https`
+    // in the address it connects to; requests still say `https`.
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let origin: http::Uri = format!("https://{rest}")
+        .parse()
+        .with_context(|| format!("invalid endpoint `{url}`"))?;
+    let endpoint = endpoint(&format!("http://{rest}"))?.origin(origin);
+    let server_name = rustls::pki_types::ServerName::try_from(server_name.to_string())
+        .with_context(|| format!("invalid tls server name `{server_name}`"))?;
+    let config = tls
+        .reloading()
+        .and_then(|t| t.client_config())
+        .with_context(|| format!("configure tls for `{url}`"))?;
+    Ok(InterceptedService::new(
+        endpoint.connect_with_connector_lazy(crate::tls::connector(config, server_name)),
+        TracePropagation,
+    ))
+}
+
+/// The client settings every channel shares.
+fn endpoint(url: &str) -> anyhow::Result<Endpoint> {
+    Ok(Endpoint::from_shared(url.to_string())
         .with_context(|| format!("invalid endpoint `{url}`"))?
         .connect_timeout(Duration::from_secs(3))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5));
-    if let Some(tls) = tls {
-        endpoint = endpoint
-            .tls_config(tls.client_config(server_name)?)
-            .with_context(|| format!("configure tls for `{url}`"))?;
-    }
-    Ok(InterceptedService::new(
-        endpoint.connect_lazy(),
-        TracePropagation,
-    ))
+        .keep_alive_timeout(Duration::from_secs(5)))
 }
 
 /// Like [`connect_lazy`], but fails at once when the server cannot be reached.

@@ -1,7 +1,7 @@
 //! What every Membrane process shares, defined once.
 //!
 //! Module map:
-//! - [`flags`]: command-line flag groups (listen address, TLS, etcd, telemetry), each readable from an environment variable.
+//! - [`flags`]: command-line flag groups (listen address, TLS, etcd, telemetry, metrics), each readable from an environment variable.
 //! - [`telemetry`]: structured logging and OpenTelemetry tracing over OTLP.
 //! - [`tls`]: mTLS for every gRPC listener and client (rustls).
 //! - [`pki`]: a development CA and certificates for local clusters.
@@ -9,10 +9,12 @@
 //! - [`store`]: etcd helpers shared by every service's store adapter.
 //! - [`stream`]: the desired-state stream, publisher half (services) and subscriber half (nodes).
 //! - [`objects`]: the `apply` path: Kubernetes-style objects and the seam for where they come from.
+//! - [`metrics`]: Prometheus metrics: the process registry, `/metrics`, RPC and stream metrics.
 #![forbid(unsafe_code)]
 
 pub mod flags;
 pub mod grpc;
+pub mod metrics;
 pub mod objects;
 pub mod pki;
 pub mod store;

@@ -52,6 +52,9 @@ pub const CA_VALIDITY: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 /// Lifetime of a newly issued leaf certificate.
 pub const LEAF_VALIDITY: Duration = Duration::from_secs(90 * 24 * 60 * 60);
 
+/// [`renew_if_due`]'s usual margin: a third of [`LEAF_VALIDITY`] (30 days).
+pub const RENEW_MARGIN: Duration = Duration::from_secs(LEAF_VALIDITY.as_secs() / 3);
+
 /// Certificates start being valid this long before "now", so a peer whose
 /// clock is slightly behind still accepts them.
 const BACKDATE: Duration = Duration::from_secs(60 * 60);
@@ -140,6 +143,40 @@ pub fn ensure_bundle(dir: &Path, leaves: &[LeafSpec]) -> Result<Bundle, PkiError
         ca: ca_path(dir),
         leaves: files,
     })
+}
+
+/// Re-issues the leaf `leaf` in `dir` from the CA in `dir` (for
+/// [`LEAF_VALIDITY`], with a new key) when it has less than `margin` left,
+/// no longer verifies against the CA, lacks one of its names, or is missing.
+/// Returns whether it did. The key and then the certificate are each
+/// replaced atomically; processes using [`crate::tls::ReloadingTls`] pick
+/// the pair up for new connections.
+///
+/// Needs the CA key (`ca-key.pem`): run it where the CA lives (in a local
+/// cluster, next to `membrane up`), e.g. with [`crate::tls::spawn_renewal`].
+/// A CA that expires within [`REUSE_MARGIN`] is an error here: renewing
+/// leaves under it would not help, and replacing the CA is a cluster-wide
+/// decision.
+pub fn renew_if_due(dir: &Path, leaf: &LeafSpec, margin: Duration) -> Result<bool, PkiError> {
+    if margin >= LEAF_VALIDITY {
+        return Err(PkiError::Invalid {
+            name: leaf.name.clone(),
+            reason: format!(
+                "renewal margin {}s is not below the leaf validity {}s: every check would renew",
+                margin.as_secs(),
+                LEAF_VALIDITY.as_secs()
+            ),
+        });
+    }
+    let ca = Ca::load(dir)?;
+    let files = leaf_files(dir, &leaf.name);
+    if ca.leaf_is_valid_for(&files, leaf, margin) {
+        return Ok(false);
+    }
+    let issued = ca.issue(&leaf.name, &leaf.dns_names, LEAF_VALIDITY)?;
+    write_file(&files.key, &issued.key_pem, 0o600)?;
+    write_file(&files.cert, &issued.cert_pem, 0o644)?;
+    Ok(true)
 }
 
 /// The TLS files a leaf named `name` has (or will have) in `dir`.
@@ -395,6 +432,10 @@ impl Ca {
     }
 
     fn existing_leaf_is_valid(&self, files: &TlsFiles, leaf: &LeafSpec) -> bool {
+        self.leaf_is_valid_for(files, leaf, REUSE_MARGIN)
+    }
+
+    fn leaf_is_valid_for(&self, files: &TlsFiles, leaf: &LeafSpec, margin: Duration) -> bool {
         let (Ok(cert_pem), Ok(key_pem)) = (
             std::fs::read_to_string(&files.cert),
             std::fs::read_to_string(&files.key),
@@ -404,7 +445,7 @@ impl Ca {
         if KeyPair::from_pem(&key_pem).is_err() {
             return false;
         }
-        match self.verify(&cert_pem, &leaf.dns_names, REUSE_MARGIN) {
+        match self.verify(&cert_pem, &leaf.dns_names, margin) {
             Ok(()) => true,
             Err(reason) => {
                 tracing::debug!(leaf = %leaf.name, %reason, "reissuing certificate");
@@ -497,9 +538,9 @@ fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
 /// Just enough DER to read a certificate's `notAfter`: rustls verifies leaf
 /// lifetimes but treats a CA as a bare trust anchor, and rcgen can only parse
 /// certificates with a feature this crate does not enable.
-mod der {
+pub(crate) mod der {
     /// Seconds since the Unix epoch at which the certificate expires.
-    pub(super) fn not_after(cert: &[u8]) -> Result<u64, String> {
+    pub(crate) fn not_after(cert: &[u8]) -> Result<u64, String> {
         let (cert, _) = expect(cert, 0x30, "certificate")?;
         let (tbs, _) = expect(cert, 0x30, "tbsCertificate")?;
         let (tag, _, mut rest) = tlv(tbs)?;

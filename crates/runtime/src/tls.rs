@@ -1,12 +1,33 @@
 //! mTLS for gRPC: every listener asks for a client certificate signed by the
 //! cluster CA, every client presents its own and checks the server's name.
+//!
+//! Certificates change while processes run: [`crate::grpc::serve`] and
+//! [`crate::grpc::connect_lazy`] use [`ReloadingTls`], so replaced
+//! certificate, key or CA files apply to every new connection without a
+//! restart (see `reload` for how and when). [`spawn_renewal`] re-issues
+//! leaf certificates before they expire, where the CA key is at hand.
+//!
+//! Module map:
+//! - `reload`: [`ReloadingTls`], rustls configs whose certificate and CA follow the files.
+//! - `io`: the TLS accept loop handed to tonic ([`incoming`]) and the client [`connector`].
+//! - `renew`: [`spawn_renewal`] around [`crate::pki::renew_if_due`].
+
+mod io;
+mod reload;
+mod renew;
 
 use std::path::PathBuf;
 
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
+pub use self::io::{HANDSHAKE_TIMEOUT, ServerTlsStream, connector, incoming};
+pub use self::reload::{
+    EXPIRY_WARNING, RELOAD_INTERVAL, ReloadingTls, SETTLE_TIME, WATCH_INTERVAL,
+};
+pub use self::renew::{RenewalPolicy, spawn_renewal, spawn_renewal_with};
+
 /// The three PEM files a process needs for mTLS.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct TlsFiles {
     /// CA certificate.
     pub ca: PathBuf,
@@ -27,6 +48,14 @@ pub enum TlsError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// A PEM file was read but is not usable.
+    #[error("tls file `{path}`: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 /// Installs rustls' ring crypto provider for the process. Call first thing in
@@ -43,7 +72,13 @@ fn read(path: &PathBuf) -> Result<Vec<u8>, TlsError> {
 }
 
 impl TlsFiles {
-    /// Server side: present our certificate, require a client certificate.
+    /// Loads the files as [`ReloadingTls`] (one shared copy per process).
+    pub fn reloading(&self) -> Result<ReloadingTls, TlsError> {
+        ReloadingTls::load(self)
+    }
+
+    /// Server side, as a static tonic config: present our certificate,
+    /// require a client certificate. Read once; prefer [`Self::reloading`].
     pub fn server_config(&self) -> Result<ServerTlsConfig, TlsError> {
         let identity = Identity::from_pem(read(&self.cert)?, read(&self.key)?);
         Ok(ServerTlsConfig::new()
@@ -51,8 +86,9 @@ impl TlsFiles {
             .client_ca_root(Certificate::from_pem(read(&self.ca)?)))
     }
 
-    /// Client side: trust only the cluster CA, present our certificate, and
-    /// expect the server's certificate to name `server_name`.
+    /// Client side, as a static tonic config: trust only the cluster CA,
+    /// present our certificate, and expect the server's certificate to name
+    /// `server_name`. Read once; prefer [`Self::reloading`].
     pub fn client_config(&self, server_name: &str) -> Result<ClientTlsConfig, TlsError> {
         let identity = Identity::from_pem(read(&self.cert)?, read(&self.key)?);
         Ok(ClientTlsConfig::new()

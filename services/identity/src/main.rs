@@ -23,6 +23,8 @@ struct Args {
     etcd: flags::EtcdFlags,
     #[command(flatten)]
     telemetry: flags::TelemetryFlags,
+    #[command(flatten)]
+    metrics: flags::MetricsFlags,
     /// Numbers for global identities, FIRST-LAST (inside 256-16777215).
     #[arg(long, env = "MEMBRANE_IDENTITY_RANGE", default_value = "256-65535")]
     identity_range: String,
@@ -51,6 +53,7 @@ async fn main() -> anyhow::Result<()> {
     membrane_runtime::tls::install_crypto_provider();
     let args = Args::parse();
     let _telemetry = telemetry::init("membrane-identity", &args.telemetry)?;
+    membrane_runtime::metrics::start(&args.metrics).await?;
     anyhow::ensure!(args.lease_ttl > 0, "--lease-ttl must be positive");
     let config = IdentityConfig {
         range: IdRange::parse(&args.identity_range)?,
@@ -65,6 +68,7 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(identities.clone().run_gc());
 
     let publisher = Publisher::new();
+    membrane_runtime::metrics::register_publisher("identity", &publisher);
     tokio::spawn(membrane_runtime::store::feed_publisher(
         store,
         store::keys::ROOT.into(),

@@ -22,6 +22,8 @@ struct Args {
     etcd: flags::EtcdFlags,
     #[command(flatten)]
     telemetry: flags::TelemetryFlags,
+    #[command(flatten)]
+    metrics: flags::MetricsFlags,
     /// CIDR that node pod CIDRs are carved from.
     #[arg(long, env = "MEMBRANE_CLUSTER_CIDR", default_value = "10.200.0.0/16")]
     cluster_cidr: String,
@@ -35,12 +37,14 @@ async fn main() -> anyhow::Result<()> {
     membrane_runtime::tls::install_crypto_provider();
     let args = Args::parse();
     let _telemetry = telemetry::init("membrane-ipam", &args.telemetry)?;
+    membrane_runtime::metrics::start(&args.metrics).await?;
     let config = pool::PoolConfig::new(&args.cluster_cidr, args.node_mask_size)?;
     let tls = args.tls.files()?;
     let store = Store::connect(&args.etcd, Duration::from_secs(30)).await?;
     let ipam = store::IpamStore::open(store.clone(), config).await?;
 
     let publisher = Publisher::new();
+    membrane_runtime::metrics::register_publisher("ipam", &publisher);
     tokio::spawn(membrane_runtime::store::feed_publisher(
         store,
         "ipam/".into(),

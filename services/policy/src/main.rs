@@ -23,6 +23,8 @@ struct Args {
     etcd: flags::EtcdFlags,
     #[command(flatten)]
     telemetry: flags::TelemetryFlags,
+    #[command(flatten)]
+    metrics: flags::MetricsFlags,
     /// URL of the identity service, whose stream supplies identities. When
     /// unset, only reserved identities are known (and a warning is logged).
     #[arg(long, env = "MEMBRANE_IDENTITY_ENDPOINT")]
@@ -41,6 +43,7 @@ async fn main() -> anyhow::Result<()> {
     membrane_runtime::tls::install_crypto_provider();
     let args = Args::parse();
     let _telemetry = telemetry::init("membrane-policy", &args.telemetry)?;
+    membrane_runtime::metrics::start(&args.metrics).await?;
     let tls = args.tls.files()?;
     let store = Store::connect(&args.etcd, Duration::from_secs(30)).await?;
     let listener = tokio::net::TcpListener::bind(args.listen.listen)
@@ -68,6 +71,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let publisher = Publisher::new();
+    membrane_runtime::metrics::register_publisher("policy", &publisher);
     let engine = Engine::new(publisher.clone());
     tokio::spawn(engine.clone().run(objects_rx, identities_rx));
 
