@@ -39,4 +39,16 @@ echo "== what the datapath has programmed"
 $M get endpoints
 $M get ipam
 echo
+echo "== a deny policy: client may no longer reach web (db still may)"
+$M apply -f examples/deny-client.yaml
+sleep 1
+$M pod exec client -- ping -c 1 -W 1 "$WEB" >/dev/null && echo "client -> web: allowed?!" || echo "client -> web: denied"
+$M pod exec db -- ping -c 1 -W 1 "$WEB" >/dev/null && echo "db -> web: allowed" || echo "db -> web: denied?!"
+$M policy trace --from pod/default/client --to pod/default/web --port 80/TCP || true
+echo
+echo "== the denied attempts, as flows from every node (through the relay)"
+$M observe --verdict DROPPED --last 5
+echo
+$M status
+echo
 echo "Cluster is running. Try: $M status | $M get nodes -o yaml | $M pod exec web -- ip addr | $M down"
