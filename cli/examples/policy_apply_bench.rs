@@ -41,7 +41,7 @@ fn policy(rules: usize, generation: usize) -> String {
     let ingress: Vec<serde_json::Value> = (0..rules)
         .map(|i| {
             serde_json::json!({
-                "fromEndpoints": [{"matchLabels": {"app": "bench-client"}}],
+                "fromEndpoints": [{"matchLabels": {"app": "bench"}}],
                 "toPorts": [{"ports": [{"port": format!("{}", 10000 + i + generation % 2), "protocol": "TCP"}]}],
             })
         })
