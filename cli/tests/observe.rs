@@ -170,6 +170,58 @@ fn denied_flows_are_observed_through_the_relay_live_and_status_reports_unavailab
         "{table}"
     );
 
+    // Denied attempts on the other node too: the relay merges both nodes.
+    cluster.ok(&[
+        "pod",
+        "run",
+        "server2",
+        "--node",
+        "node-2",
+        "--labels",
+        "app=server",
+    ]);
+    cluster.ok(&[
+        "pod",
+        "run",
+        "client2",
+        "--node",
+        "node-1",
+        "--labels",
+        "app=client",
+    ]);
+    let server2 = pod_ip(&cluster, "server2");
+    echo_servers_on("pod-default-server2", &[80], &[]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let nodes_with_drops = loop {
+        assert!(
+            !tcp_ok("pod-default-client2", &server2, 80, None, PROBE),
+            "client2 -> server2 must be denied"
+        );
+        let out = cluster.ok(&[
+            "observe",
+            "--verdict",
+            "DROPPED",
+            "--last",
+            "50",
+            "-o",
+            "json",
+        ]);
+        let nodes: std::collections::BTreeSet<String> = flows(&out)
+            .iter()
+            .filter(|f| f["drop_reason"] == "POLICY_DENIED")
+            .filter_map(|f| f["node_name"].as_str().map(str::to_string))
+            .collect();
+        if nodes.len() == 2 || Instant::now() > deadline {
+            break nodes;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(
+        nodes_with_drops.into_iter().collect::<Vec<_>>(),
+        ["node-1", "node-2"],
+        "drops from both nodes"
+    );
+
     // --follow streams a new denied attempt within a second.
     let mut follow = cluster
         .command(&[

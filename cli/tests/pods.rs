@@ -175,6 +175,43 @@ fn six_pods_on_two_nodes_reach_each_other_and_the_world_over_tcp_and_udp() {
         failures.join("\n")
     );
 
+    // A second CNI ADD for a container that is already attached (what a
+    // confused runtime might do) is refused with a spec-shaped error and
+    // changes nothing: the pod keeps working.
+    let a1: Value = serde_json::from_slice(
+        &std::fs::read(cluster.dir().join("pods/default/a1.json")).expect("pod record"),
+    )
+    .expect("json");
+    let plugin =
+        std::path::PathBuf::from(env!("CARGO_BIN_EXE_membrane")).with_file_name("membrane-cni");
+    let socket = cluster.dir().join("nodes/node-1/agent.sock");
+    let mut add = Command::new(&plugin)
+        .env("CNI_COMMAND", "ADD")
+        .env(
+            "CNI_CONTAINERID",
+            a1["container_id"].as_str().expect("container id"),
+        )
+        .env("CNI_NETNS", "/run/netns/pod-default-a1")
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/usr/lib/cni")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run membrane-cni");
+    add.stdin
+        .take()
+        .expect("stdin")
+        .write_all(serde_json::json!({"cniVersion": "1.0.0", "name": "membrane", "type": "membrane-cni", "socket": socket}).to_string().as_bytes())
+        .expect("netconf");
+    let out = add.wait_with_output().expect("cni");
+    assert!(!out.status.success(), "second ADD must fail");
+    let err: Value = serde_json::from_slice(&out.stdout).expect("spec-shaped error JSON");
+    assert_eq!(err["code"], 100, "{err}");
+    assert_eq!(err["cniVersion"], "1.0.0");
+    assert!(err["msg"].as_str().is_some_and(|m| !m.is_empty()), "{err}");
+    assert_eq!(endpoints(&cluster).len(), 6, "no endpoint added");
+    round_trips("pod-default-b1", &targets[0].1).expect("a1 still reachable after the refused ADD");
+
     // Our programs are attached to every pod veth and both underlay devices,
     // as bpftool sees the pinned tcx links.
     let eps = endpoints(&cluster);

@@ -385,6 +385,13 @@ async fn start(
             "MEMBRANE_METRICS_LISTEN".to_string(),
             format!("{}:{}", plan.gateway, spec.port + 2000),
         ));
+        if spec.name == "relay" {
+            // The relay keeps the cluster's certificates from expiring.
+            env.push((
+                "MEMBRANE_PKI_DIR".to_string(),
+                tls_dir.display().to_string(),
+            ));
+        }
         // Services that follow others' streams (policy follows identity)
         // find them the way nodes do. The table is in dependency order.
         for (dep, service) in &started {
