@@ -72,7 +72,7 @@ int from_container(struct __sk_buff *ctx)
 			ret = policy_check(src_ep, POLICY_EGRESS, meta.dst_identity, p.tuple.proto,
 					   port, &meta.rule_id);
 			if (ret)
-				return drop_policy(ctx, OBS_LXC, ret, &p.tuple, &meta);
+				return drop_policy(ctx, OBS_LXC, ret, &p, &meta);
 		}
 		if (dst_ep && feature_enabled(FEATURE_REDIRECT_PEER)) {
 			ret = policy_check(dst_ep, POLICY_INGRESS, meta.src_identity, p.tuple.proto,
@@ -80,7 +80,7 @@ int from_container(struct __sk_buff *ctx)
 			if (ret) {
 				meta.endpoint_id = dst_ep->endpoint_id;
 				meta.direction = POLICY_INGRESS;
-				return drop_policy(ctx, OBS_LXC, ret, &p.tuple, &meta);
+				return drop_policy(ctx, OBS_LXC, ret, &p, &meta);
 			}
 		}
 	}
@@ -88,10 +88,10 @@ int from_container(struct __sk_buff *ctx)
 	/* Only now, allowed: an entry is what lets the peer's packets in as replies. */
 	ret = ct_commit(&p.tuple, e, &status, ctx->len, p.tcp_flags);
 	if (ret)
-		return drop_packet(ctx, OBS_LXC, ret, &p.tuple);
+		return drop_packet(ctx, OBS_LXC, ret, &p);
 	metric_inc(METRIC_CT_NEW + status, ctx->len);
 	if (status == CT_NEW)
-		emit_event(ctx, EVENT_TRACE_NEW_CONN, OBS_LXC, 0, &p.tuple, &meta);
+		emit_event(ctx, EVENT_TRACE_NEW_CONN, OBS_LXC, 0, &p, &meta);
 
 	if (!dst_ep)
 		return pass_to_stack(ctx);

@@ -14,12 +14,18 @@ mod bpf_support;
 
 use ipnet::Ipv4Net;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use bpf_support::*;
 use membrane_node_datapath::bpf::{
-    CtDirection, Datapath, DatapathOptions, DropReason, EndpointInfo, EventKind, Flow, Hook,
-    MacAddr, ObservationPoint, TcVerdict, probe_features,
+    CtDirection, Datapath, DatapathEvent, DatapathOptions, DropReason, EndpointInfo, EventKind,
+    EventReader, Flow, Hook, MacAddr, ObservationPoint, TcVerdict, probe_features,
 };
+use membrane_node_datapath::identity::ClusterView;
+use membrane_node_datapath::observer::{
+    FlowBuilder, LocalEndpoint, LocalEndpoints, clock::WallClock,
+};
+use membrane_proto::observer::v1 as pb;
 
 const POD_A: Ipv4Addr = Ipv4Addr::new(10, 200, 1, 10);
 const POD_B: Ipv4Addr = Ipv4Addr::new(10, 200, 1, 11);
@@ -593,4 +599,191 @@ fn events_wait_with_a_timeout_and_can_be_awaited_with_tokio() {
             .expect("read event");
         assert_eq!(ev.kind, EventKind::NewConnection);
     });
+}
+
+// === L4 details in events: TCP flags, ICMP type and code ===
+
+/// The verdict on `frame` and the events it made `hook` emit.
+fn run_with_events(
+    dp: &Datapath,
+    events: &mut EventReader,
+    hook: Hook,
+    frame: &[u8],
+) -> (TcVerdict, Vec<DatapathEvent>) {
+    let verdict = dp.test_run(hook, frame).expect("run").verdict;
+    (verdict, events.drain())
+}
+
+/// The verdict on `frame` and the one event it made `hook` emit.
+fn one_event(
+    dp: &Datapath,
+    events: &mut EventReader,
+    hook: Hook,
+    frame: &[u8],
+) -> (TcVerdict, DatapathEvent) {
+    let (verdict, mut got) = run_with_events(dp, events, hook, frame);
+    assert_eq!(got.len(), 1, "{got:?}");
+    (verdict, got.remove(0))
+}
+
+#[test]
+fn a_syns_trace_event_carries_the_syn_flag() {
+    if !privileged("a_syns_trace_event_carries_the_syn_flag") {
+        return;
+    }
+    let (_pins, mut dp) = setup(ALL_ON);
+    let mut events = dp.events().expect("events");
+    let syn = from_pod_a(POD_B).tcp(40010, 80, TCP_SYN);
+
+    let (verdict, ev) = one_event(&dp, &mut events, Hook::Lxc, &syn);
+
+    assert_eq!(verdict, TcVerdict::Redirect);
+    assert_eq!(ev.kind, EventKind::NewConnection);
+    assert_eq!(ev.flow, Some(flow(POD_A, POD_B, 40010, 80, 6)));
+    assert_eq!((ev.tcp_flags, ev.icmp_type, ev.icmp_code), (TCP_SYN, 0, 0));
+    assert_eq!(ev.reported_tcp_flags(), Some(TCP_SYN));
+    assert_eq!(ev.reported_icmp(), None);
+}
+
+#[test]
+fn an_icmp_echo_requests_trace_event_carries_type_8_code_0() {
+    if !privileged("an_icmp_echo_requests_trace_event_carries_type_8_code_0") {
+        return;
+    }
+    let (_pins, mut dp) = setup(ALL_ON);
+    let mut events = dp.events().expect("events");
+    let request = from_pod_a(REMOTE_POD).icmp_echo(0x4242);
+
+    let (verdict, ev) = one_event(&dp, &mut events, Hook::Lxc, &request);
+
+    assert_eq!(
+        verdict,
+        TcVerdict::Ok,
+        "for another node: the stack routes it"
+    );
+    assert_eq!(ev.kind, EventKind::NewConnection);
+    assert_eq!(ev.flow, Some(flow(POD_A, REMOTE_POD, 0x4242, 0x4242, 1)));
+    assert_eq!((ev.tcp_flags, ev.icmp_type, ev.icmp_code), (0, 8, 0));
+    assert_eq!(ev.reported_icmp(), Some((8, 0)));
+    assert_eq!(ev.reported_tcp_flags(), None);
+}
+
+#[test]
+fn drop_events_and_events_of_bpf_host_carry_the_l4_details_too() {
+    if !privileged("drop_events_and_events_of_bpf_host_carry_the_l4_details_too") {
+        return;
+    }
+    let (_pins, mut dp) = setup(ALL_ON);
+    let mut events = dp.events().expect("events");
+
+    // drop_packet (redirect.h): TTL would expire on the redirect hop. The
+    // connection was tracked (and traced) before the redirect was attempted.
+    let expiring = Ipv4Frame {
+        ttl: 1,
+        ..from_pod_a(POD_B)
+    }
+    .icmp_echo(7);
+    let (verdict, evs) = run_with_events(&dp, &mut events, Hook::Lxc, &expiring);
+    assert_eq!(verdict, TcVerdict::Shot);
+    let kinds: Vec<_> = evs.iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            EventKind::NewConnection,
+            EventKind::Drop(DropReason::TtlExceeded)
+        ]
+    );
+    for ev in &evs {
+        assert_eq!((ev.icmp_type, ev.icmp_code), (8, 0), "{ev:?}");
+        assert_eq!(ev.reported_icmp(), Some((8, 0)));
+    }
+
+    // ingress_admit (bpf_host): a SYN from a pod of another node.
+    dp.upsert_ipcache(Ipv4Net::new(REMOTE_POD, 32).expect("prefix"), 300)
+        .expect("ipcache");
+    let syn = Ipv4Frame {
+        src_mac: PEER_NODE_MAC,
+        dst_mac: UNDERLAY_MAC,
+        saddr: REMOTE_POD,
+        daddr: POD_A,
+        ttl: 63,
+    }
+    .tcp(50010, 8080, TCP_SYN);
+    let (verdict, ev) = one_event(&dp, &mut events, Hook::Host, &syn);
+    assert_eq!(verdict, TcVerdict::Redirect);
+    assert_eq!(
+        (ev.kind, ev.source),
+        (EventKind::NewConnection, ObservationPoint::Host)
+    );
+    assert_eq!(ev.reported_tcp_flags(), Some(TCP_SYN));
+
+    // Unparsed: nothing to report.
+    let mut bad = from_pod_a(POD_B).tcp(40011, 80, TCP_SYN);
+    bad[14] = 0x44;
+    let (_, ev) = one_event(&dp, &mut events, Hook::Lxc, &bad);
+    assert_eq!(ev.flow, None);
+    assert_eq!((ev.tcp_flags, ev.icmp_type, ev.icmp_code), (0, 0, 0));
+}
+
+/// No local endpoints and no rule names: the flow's L4 is all these tests read.
+struct NoEndpoints;
+
+impl LocalEndpoints for NoEndpoints {
+    fn endpoints(&self) -> Vec<LocalEndpoint> {
+        Vec::new()
+    }
+    fn rule_name(&self, _rule_id: u32) -> Option<String> {
+        None
+    }
+}
+
+#[test]
+fn flows_built_from_real_events_show_tcp_flags_and_icmp_type() {
+    if !privileged("flows_built_from_real_events_show_tcp_flags_and_icmp_type") {
+        return;
+    }
+    let (_pins, mut dp) = setup(ALL_ON);
+    let mut events = dp.events().expect("events");
+    let mut builder = FlowBuilder::new(
+        "prog-test",
+        WallClock::with_offset(0),
+        Arc::new(NoEndpoints),
+        ClusterView::default(),
+    );
+
+    let (_, syn_ev) = one_event(
+        &dp,
+        &mut events,
+        Hook::Lxc,
+        &from_pod_a(POD_B).tcp(40012, 80, TCP_SYN),
+    );
+    let f = builder.build(&syn_ev).flow;
+    let Some(pb::layer4::Protocol::Tcp(tcp)) = f.l4.and_then(|l| l.protocol) else {
+        panic!("a TCP flow");
+    };
+    assert_eq!((tcp.source_port, tcp.destination_port), (40012, 80));
+    assert_eq!(
+        tcp.flags,
+        Some(pb::TcpFlags {
+            syn: true,
+            ..pb::TcpFlags::default()
+        })
+    );
+    assert_eq!(f.summary, "TCP Flags: SYN");
+
+    let (_, echo_ev) = one_event(
+        &dp,
+        &mut events,
+        Hook::Lxc,
+        &from_pod_a(POD_B).icmp_echo(0x99),
+    );
+    let f = builder.build(&echo_ev).flow;
+    assert_eq!(
+        f.l4.and_then(|l| l.protocol),
+        Some(pb::layer4::Protocol::Icmpv4(pb::IcmPv4 {
+            r#type: 8,
+            code: 0
+        }))
+    );
+    assert_eq!(f.summary, "ICMPv4 EchoRequest");
 }

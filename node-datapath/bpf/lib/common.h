@@ -237,7 +237,14 @@ struct trace_event {
 	__u32 dst_identity;
 	__u32 endpoint_id;   /* the endpoint whose policy applied (0: none) */
 	__u8 direction;      /* POLICY_INGRESS / POLICY_EGRESS / TRACE_DIR_NONE */
-	__u8 pad[3];
+	/*
+	 * From the packet's L4 header, 0 where there is none to read (other
+	 * protocols, non-first fragments, unparsed packets): tuple.proto says
+	 * which of them means anything.
+	 */
+	__u8 tcp_flags;      /* TCP: byte 13 of the header (FIN 0x01, SYN 0x02, ... ACK 0x10) */
+	__u8 icmp_type;      /* ICMP: type (8 echo request, 0 echo reply, ...) */
+	__u8 icmp_code;      /* ICMP: code */
 };
 
 /* --- load-time configuration (a `volatile const` global, see config.h) --- */

@@ -51,15 +51,15 @@ static __always_inline int ingress_admit(struct __sk_buff *ctx, struct pkt4 *p,
 		ret = policy_check(ep, POLICY_INGRESS, meta.src_identity, p->tuple.proto,
 				   policy_port(p), &meta.rule_id);
 		if (ret)
-			return drop_policy(ctx, source, ret, &p->tuple, &meta);
+			return drop_policy(ctx, source, ret, p, &meta);
 	}
 
 	ret = ct_commit(&p->tuple, e, &status, ctx->len, p->tcp_flags);
 	if (ret)
-		return drop_packet(ctx, source, ret, &p->tuple);
+		return drop_packet(ctx, source, ret, p);
 	metric_inc(METRIC_CT_NEW + status, ctx->len);
 	if (status == CT_NEW)
-		emit_event(ctx, EVENT_TRACE_NEW_CONN, source, 0, &p->tuple, &meta);
+		emit_event(ctx, EVENT_TRACE_NEW_CONN, source, 0, p, &meta);
 	return 0;
 }
 

@@ -48,6 +48,8 @@ struct pkt4 {
 	struct ct_key tuple; /* dir left 0 (CT_EGRESS) for the caller to set */
 	__u8 ttl;
 	__u8 tcp_flags;      /* byte 13 of the TCP header: FIN|SYN|RST|PSH|ACK|URG|ECE|CWR */
+	__u8 icmp_type;      /* ICMP only, else 0 */
+	__u8 icmp_code;
 };
 
 #define ctx_data(ctx) ((void *)(long)(ctx)->data)
@@ -121,6 +123,8 @@ static __always_inline int parse_ipv4(struct __sk_buff *ctx, struct pkt4 *p)
 
 		if ((void *)(icmp + 1) > data_end)
 			return PARSE_INVALID;
+		p->icmp_type = icmp->type;
+		p->icmp_code = icmp->code;
 		/*
 		 * Echo request and reply share the id: putting it in both ports
 		 * makes the reply's tuple the exact reverse of the request's.

@@ -51,13 +51,13 @@ static __always_inline int redirect_to_endpoint(struct __sk_buff *ctx, const str
 
 	/* The stack would answer with ICMP time exceeded; we only drop, for now. */
 	if (p->ttl <= 1)
-		return drop_packet(ctx, source, DROP_TTL_EXCEEDED, &p->tuple);
+		return drop_packet(ctx, source, DROP_TTL_EXCEEDED, p);
 	if (ipv4_dec_ttl(ctx, p->ttl) < 0)
-		return drop_packet(ctx, source, DROP_REWRITE_FAILED, &p->tuple);
+		return drop_packet(ctx, source, DROP_REWRITE_FAILED, p);
 
 	if (use_peer) {
 		if (eth_rewrite(ctx, ep) < 0)
-			return drop_packet(ctx, source, DROP_REWRITE_FAILED, &p->tuple);
+			return drop_packet(ctx, source, DROP_REWRITE_FAILED, p);
 		metric_inc(METRIC_REDIRECT_PEER, ctx->len);
 		return bpf_redirect_peer(ep->ifindex, 0);
 	}

@@ -12,6 +12,7 @@
 #include <bpf/bpf_helpers.h>
 
 #include "common.h"
+#include "ipv4.h"
 #include "metrics.h"
 
 struct {
@@ -29,8 +30,12 @@ struct trace_meta {
 	__u8 direction;    /* POLICY_INGRESS / POLICY_EGRESS / TRACE_DIR_NONE */
 };
 
+/*
+ * p: the parsed packet (tuple, TCP flags, ICMP type/code), or NULL when it
+ * could not be parsed (the event then reports a zero tuple).
+ */
 static __always_inline void emit_event(struct __sk_buff *ctx, __u8 type, __u8 source,
-				       __u16 reason, const struct ct_key *tuple,
+				       __u16 reason, const struct pkt4 *p,
 				       const struct trace_meta *meta)
 {
 	struct trace_event ev = {
@@ -43,8 +48,12 @@ static __always_inline void emit_event(struct __sk_buff *ctx, __u8 type, __u8 so
 		.direction = TRACE_DIR_NONE,
 	};
 
-	if (tuple)
-		ev.tuple = *tuple;
+	if (p) {
+		ev.tuple = p->tuple;
+		ev.tcp_flags = p->tcp_flags;
+		ev.icmp_type = p->icmp_type;
+		ev.icmp_code = p->icmp_code;
+	}
 	if (meta) {
 		ev.src_identity = meta->src_identity;
 		ev.dst_identity = meta->dst_identity;
@@ -58,20 +67,20 @@ static __always_inline void emit_event(struct __sk_buff *ctx, __u8 type, __u8 so
 
 /* Count, report and drop. Returns the verdict to hand back to tc. */
 static __always_inline int drop_packet(struct __sk_buff *ctx, __u8 source, __u16 reason,
-				       const struct ct_key *tuple)
+				       const struct pkt4 *p)
 {
 	metric_inc(METRIC_DROP_BASE + (reason & DROP_REASON_MAX), ctx->len);
-	emit_event(ctx, EVENT_DROP, source, reason, tuple, NULL);
+	emit_event(ctx, EVENT_DROP, source, reason, p, NULL);
 	return TC_ACT_SHOT;
 }
 
 /* A policy drop: also counted per endpoint and reported with identities and rule. */
 static __always_inline int drop_policy(struct __sk_buff *ctx, __u8 source, __u16 reason,
-				       const struct ct_key *tuple, const struct trace_meta *meta)
+				       const struct pkt4 *p, const struct trace_meta *meta)
 {
 	metric_inc(METRIC_DROP_BASE + (reason & DROP_REASON_MAX), ctx->len);
 	ep_drop_inc(meta->endpoint_id, reason, meta->direction, ctx->len);
-	emit_event(ctx, EVENT_DROP, source, reason, tuple, meta);
+	emit_event(ctx, EVENT_DROP, source, reason, p, meta);
 	return TC_ACT_SHOT;
 }
 

@@ -199,7 +199,12 @@ pub(crate) struct TraceEventRaw {
     pub dst_identity: u32,
     pub endpoint_id: u32,
     pub direction: u8,
-    pub pad: [u8; 3],
+    /// TCP: byte 13 of the header; 0 for other protocols and where no L4
+    /// header was read (non-first fragments, unparsed packets).
+    pub tcp_flags: u8,
+    /// ICMP: type and code; 0 otherwise.
+    pub icmp_type: u8,
+    pub icmp_code: u8,
 }
 
 impl TraceEventRaw {
@@ -241,7 +246,9 @@ impl TraceEventRaw {
             dst_identity: u32_at(44),
             endpoint_id: u32_at(48),
             direction: u8_at(52),
-            pad: [u8_at(53), u8_at(54), u8_at(55)],
+            tcp_flags: u8_at(53),
+            icmp_type: u8_at(54),
+            icmp_code: u8_at(55),
         })
     }
 }
@@ -305,7 +312,8 @@ mod tests {
             "ts_ns" => ts_ns, "type" => kind, "source" => source, "reason" => reason,
             "ifindex" => ifindex, "pkt_len" => pkt_len, "rule_id" => rule_id, "tuple" => tuple,
             "src_identity" => src_identity, "dst_identity" => dst_identity,
-            "endpoint_id" => endpoint_id, "direction" => direction, "pad" => pad,
+            "endpoint_id" => endpoint_id, "direction" => direction,
+            "tcp_flags" => tcp_flags, "icmp_type" => icmp_type, "icmp_code" => icmp_code,
         ]);
         layout!("ipcache_key", IpcacheKeyRaw, ["prefixlen" => prefixlen, "addr" => addr]);
         layout!("ipcache_value", IpcacheValueRaw, ["identity" => identity, "flags" => flags]);
@@ -487,6 +495,9 @@ mod tests {
         bytes[44..48].copy_from_slice(&2u32.to_ne_bytes());
         bytes[48..52].copy_from_slice(&3u32.to_ne_bytes());
         bytes[52] = POLICY_EGRESS;
+        bytes[53] = 0x12; // SYN|ACK
+        bytes[54] = 3; // destination unreachable...
+        bytes[55] = 4; // ...fragmentation needed
         let ev = TraceEventRaw::from_bytes(&bytes).expect("long enough");
         assert_eq!(ev.ts_ns, 42);
         assert_eq!(
@@ -505,6 +516,23 @@ mod tests {
             ),
             (9, 1000, 2, 3, POLICY_EGRESS)
         );
+        assert_eq!((ev.tcp_flags, ev.icmp_type, ev.icmp_code), (0x12, 3, 4));
         assert!(TraceEventRaw::from_bytes(&bytes[..10]).is_none());
+    }
+
+    #[test]
+    fn the_l4_fields_took_the_old_padding_so_the_trace_event_did_not_move() {
+        // Readers of the previous layout keep decoding every other field:
+        // same size, same offsets, the three bytes after `direction` reused.
+        assert_eq!(size_of::<TraceEventRaw>(), 56);
+        assert_eq!(offset_of!(TraceEventRaw, direction), 52);
+        assert_eq!(
+            (
+                offset_of!(TraceEventRaw, tcp_flags),
+                offset_of!(TraceEventRaw, icmp_type),
+                offset_of!(TraceEventRaw, icmp_code)
+            ),
+            (53, 54, 55)
+        );
     }
 }

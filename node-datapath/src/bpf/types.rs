@@ -179,6 +179,37 @@ pub struct DatapathEvent {
     pub direction: Option<Direction>,
     /// For [`DropReason::PolicyDeny`]: the deny entry's rule; else 0.
     pub rule_id: u32,
+    /// TCP flags of the packet (byte 13 of its TCP header: FIN 0x01, SYN
+    /// 0x02, RST 0x04, PSH 0x08, ACK 0x10, ...); 0 for other protocols and
+    /// where no TCP header was read. See [`DatapathEvent::reported_tcp_flags`].
+    pub tcp_flags: u8,
+    /// ICMP type and code of the packet; 0 for other protocols. See
+    /// [`DatapathEvent::reported_icmp`].
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+}
+
+// === impl DatapathEvent ===
+
+impl DatapathEvent {
+    /// The packet's TCP flags when it is TCP and the datapath read its TCP
+    /// header. `None` for other protocols, unparsed packets, and a flag
+    /// byte of 0: that is what a non-first fragment (no TCP header) reports,
+    /// and no valid segment has every flag clear.
+    pub fn reported_tcp_flags(&self) -> Option<u8> {
+        const TCP: u8 = 6;
+        let flow = self.flow.as_ref()?;
+        (flow.proto == TCP && self.tcp_flags != 0).then_some(self.tcp_flags)
+    }
+
+    /// The packet's ICMP `(type, code)` when it is ICMP; `None` for other
+    /// protocols and unparsed packets. (A non-first fragment of an ICMP
+    /// message carries no ICMP header and reports `(0, 0)`.)
+    pub fn reported_icmp(&self) -> Option<(u8, u8)> {
+        const ICMP: u8 = 1;
+        let flow = self.flow.as_ref()?;
+        (flow.proto == ICMP).then_some((self.icmp_type, self.icmp_code))
+    }
 }
 
 /// A tc verdict as returned by a datapath program.
@@ -421,6 +452,9 @@ impl From<TraceEventRaw> for DatapathEvent {
             endpoint_id: r.endpoint_id,
             direction: Direction::from_code(r.direction),
             rule_id: r.rule_id,
+            tcp_flags: r.tcp_flags,
+            icmp_type: r.icmp_type,
+            icmp_code: r.icmp_code,
         }
     }
 }
@@ -487,5 +521,56 @@ mod tests {
             flags: 0,
         };
         assert_eq!(EndpointInfo::from(EndpointInfoRaw::from(&e)), e);
+    }
+
+    fn raw_event(proto: u8, tcp_flags: u8, icmp_type: u8, icmp_code: u8) -> TraceEventRaw {
+        TraceEventRaw {
+            kind: abi::EVENT_TRACE_NEW_CONN,
+            source: abi::OBS_LXC,
+            tuple: CtKeyRaw {
+                saddr: [10, 0, 0, 1],
+                daddr: [10, 0, 0, 2],
+                proto,
+                ..CtKeyRaw::default()
+            },
+            direction: abi::TRACE_DIR_NONE,
+            tcp_flags,
+            icmp_type,
+            icmp_code,
+            ..TraceEventRaw::default()
+        }
+    }
+
+    #[test]
+    fn an_event_reports_tcp_flags_only_for_tcp_and_icmp_type_only_for_icmp() {
+        let syn = DatapathEvent::from(raw_event(6, 0x02, 0, 0));
+        assert_eq!((syn.tcp_flags, syn.icmp_type, syn.icmp_code), (0x02, 0, 0));
+        assert_eq!(syn.reported_tcp_flags(), Some(0x02));
+        assert_eq!(syn.reported_icmp(), None);
+
+        let echo = DatapathEvent::from(raw_event(1, 0, 8, 0));
+        assert_eq!(echo.reported_icmp(), Some((8, 0)));
+        assert_eq!(echo.reported_tcp_flags(), None);
+        // An echo reply is type 0: still reported, the protocol says it is ICMP.
+        let reply = DatapathEvent::from(raw_event(1, 0, 0, 0));
+        assert_eq!(reply.reported_icmp(), Some((0, 0)));
+
+        let udp = DatapathEvent::from(raw_event(17, 0, 0, 0));
+        assert_eq!(
+            (udp.reported_tcp_flags(), udp.reported_icmp()),
+            (None, None)
+        );
+        // No TCP header read (a non-first fragment): no flags, not "no flags set".
+        let fragment = DatapathEvent::from(raw_event(6, 0, 0, 0));
+        assert_eq!(fragment.reported_tcp_flags(), None);
+
+        let mut unparsed = raw_event(0, 0, 0, 0);
+        unparsed.tuple = CtKeyRaw::default();
+        let unparsed = DatapathEvent::from(unparsed);
+        assert_eq!(unparsed.flow, None);
+        assert_eq!(
+            (unparsed.reported_tcp_flags(), unparsed.reported_icmp()),
+            (None, None)
+        );
     }
 }

@@ -271,15 +271,15 @@ fn traffic_direction(ev: &DatapathEvent) -> pb::TrafficDirection {
     }
 }
 
-/// TCP flags of the packet, when the datapath reports them (it does not yet:
-/// `struct trace_event` carries the tuple only).
-fn tcp_flags(_ev: &DatapathEvent) -> Option<u8> {
-    None
+/// TCP flags of the packet, as `struct trace_event` reports them (`None`
+/// for other protocols and where no TCP header was read).
+fn tcp_flags(ev: &DatapathEvent) -> Option<u8> {
+    ev.reported_tcp_flags()
 }
 
-/// ICMP type and code of the packet, when the datapath reports them (not yet).
-fn icmp_type(_ev: &DatapathEvent) -> Option<(u8, u8)> {
-    None
+/// ICMP type and code of the packet, as `struct trace_event` reports them.
+fn icmp_type(ev: &DatapathEvent) -> Option<(u8, u8)> {
+    ev.reported_icmp()
 }
 
 const TCP: u8 = 6;
@@ -287,7 +287,7 @@ const UDP: u8 = 17;
 const ICMP: u8 = 1;
 
 /// L4 of a tuple. ICMP without a known type still says ICMPv4 (type and code
-/// 0 then mean "not reported"; the summary does not name one).
+/// 0 then; the summary names the type only when it was reported).
 pub fn layer4(
     proto: u8,
     sport: u16,
@@ -456,6 +456,9 @@ mod tests {
             endpoint_id: 3,
             direction: Some(Direction::Egress),
             rule_id: 7,
+            tcp_flags: 0,
+            icmp_type: 0,
+            icmp_code: 0,
         }
     }
 
@@ -512,7 +515,63 @@ mod tests {
         assert!(f.drop_reason.is_empty() && f.policy_rule.is_empty());
         assert_eq!(f.summary, "UDP");
         let f = b.build(&event(EventKind::NewConnection, ICMP)).flow;
-        assert_eq!(f.summary, "ICMPv4");
+        assert_eq!(f.summary, "ICMPv4 EchoReply", "type 0 is reported for ICMP");
+    }
+
+    #[test]
+    fn a_syn_event_becomes_a_flow_with_its_tcp_flags() {
+        let mut ev = event(EventKind::NewConnection, TCP);
+        ev.tcp_flags = 0x02;
+        let f = builder().build(&ev).flow;
+        let Some(pb::layer4::Protocol::Tcp(tcp)) = f.l4.and_then(|l| l.protocol) else {
+            panic!("TCP L4");
+        };
+        assert_eq!((tcp.source_port, tcp.destination_port), (40000, 5432));
+        assert_eq!(
+            tcp.flags,
+            Some(pb::TcpFlags {
+                syn: true,
+                ..pb::TcpFlags::default()
+            })
+        );
+        assert_eq!(f.summary, "TCP Flags: SYN");
+    }
+
+    #[test]
+    fn an_icmp_event_becomes_a_flow_with_its_type_and_code() {
+        let mut ev = event(EventKind::NewConnection, ICMP);
+        (ev.icmp_type, ev.icmp_code) = (8, 0);
+        let f = builder().build(&ev).flow;
+        assert_eq!(
+            f.l4.and_then(|l| l.protocol),
+            Some(pb::layer4::Protocol::Icmpv4(pb::IcmPv4 {
+                r#type: 8,
+                code: 0
+            }))
+        );
+        assert_eq!(f.summary, "ICMPv4 EchoRequest");
+
+        (ev.icmp_type, ev.icmp_code) = (3, 4);
+        let f = builder().build(&ev).flow;
+        assert_eq!(
+            f.l4.and_then(|l| l.protocol),
+            Some(pb::layer4::Protocol::Icmpv4(pb::IcmPv4 {
+                r#type: 3,
+                code: 4
+            }))
+        );
+        assert_eq!(f.summary, "ICMPv4 DestinationUnreachable");
+    }
+
+    #[test]
+    fn flag_and_type_bytes_of_another_protocol_are_ignored() {
+        let mut ev = event(EventKind::NewConnection, UDP);
+        (ev.tcp_flags, ev.icmp_type) = (0x02, 8);
+        assert_eq!(builder().build(&ev).flow.summary, "UDP");
+        let mut ev = event(EventKind::NewConnection, TCP);
+        ev.icmp_type = 8;
+        let f = builder().build(&ev).flow;
+        assert_eq!(f.summary, "TCP", "no TCP header read: no flags claimed");
     }
 
     #[test]
