@@ -406,3 +406,62 @@ fn fifty_pods_started_and_removed_in_parallel_get_distinct_addresses_and_leak_no
         .count();
     assert_eq!(pod_netns, 1);
 }
+
+/// Packets sent by `dev` in `netns` (from `ip -s -j link`).
+fn tx_packets(netns: &str, dev: &str) -> u64 {
+    let out = Command::new("nsenter")
+        .args([
+            &format!("--net=/run/netns/{netns}"),
+            "ip",
+            "-s",
+            "-j",
+            "link",
+            "show",
+            "dev",
+            dev,
+        ])
+        .output()
+        .expect("ip link");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v[0]["stats64"]["tx"]["packets"].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn in_vxlan_mode_pods_on_different_nodes_talk_through_the_tunnel() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !has_root() {
+        return;
+    }
+    let cluster = Cluster::new();
+    cluster.ok(&["up", "--nodes", "2", "--detach", "--routing", "vxlan"]);
+    cluster.ok(&["pod", "run", "a", "--node", "node-1"]);
+    cluster.ok(&["pod", "run", "b", "--node", "node-2"]);
+    let b = pod_ip(&cluster, "b");
+    let a = pod_ip(&cluster, "a");
+    echo_servers("pod-default-b");
+    echo_servers("pod-default-a");
+    let before = tx_packets("node-1", "mbvx0");
+    round_trips("pod-default-a", &b).expect("a -> b through the tunnel");
+    round_trips("pod-default-b", &a).expect("b -> a through the tunnel");
+    let sent = tx_packets("node-1", "mbvx0") - before;
+    assert!(sent >= 4, "node-1 sent {sent} packets through mbvx0");
+    let routes = Command::new("nsenter")
+        .args([
+            "--net=/run/netns/node-1",
+            "ip",
+            "route",
+            "show",
+            "proto",
+            "177",
+        ])
+        .output()
+        .expect("ip route");
+    assert!(
+        String::from_utf8_lossy(&routes.stdout).contains("dev mbvx0"),
+        "{}",
+        String::from_utf8_lossy(&routes.stdout)
+    );
+    // The world is still reached through the underlay, masqueraded.
+    echo_servers("external");
+    round_trips("pod-default-a", "10.99.0.200").expect("a -> external");
+}

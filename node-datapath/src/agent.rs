@@ -25,7 +25,7 @@ use crate::identity::{ClusterView, IdentityClient, IpcacheMap, IpcacheSink};
 use crate::masquerade;
 use crate::observer::{self, Observer, ObserverService};
 use crate::policy::PolicySink;
-use crate::routes::{IpRouteTable, RouteSink};
+use crate::routes::{IpRouteTable, NodeRoutes, RouteSink, VxlanRouteTable};
 
 /// The Membrane node agent.
 #[derive(Debug, Clone, Parser)]
@@ -91,6 +91,9 @@ pub struct Args {
     /// Directory for this node's local state.
     #[arg(long, env = "MEMBRANE_STATE_DIR", default_value = "/run/membrane/node")]
     pub state_dir: PathBuf,
+    /// How pod traffic reaches other nodes.
+    #[arg(long, env = "MEMBRANE_ROUTING", value_enum, default_value = "direct")]
+    pub routing: Routing,
     /// How local pods are delivered.
     #[arg(long, env = "MEMBRANE_DELIVERY", value_enum, default_value = "auto")]
     pub delivery: Delivery,
@@ -112,6 +115,16 @@ pub struct Args {
     pub telemetry: flags::TelemetryFlags,
     #[command(flatten)]
     pub metrics: flags::MetricsFlags,
+}
+
+/// How pod traffic reaches other nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Routing {
+    /// Routes to other nodes' pod CIDRs via their underlay addresses (the
+    /// underlay must forward pod addresses between nodes, as one L2 does).
+    Direct,
+    /// Encapsulated in VXLAN between the nodes' underlay addresses.
+    Vxlan,
 }
 
 /// How pods on this node are delivered by the eBPF datapath.
@@ -245,12 +258,23 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
         ));
         tracing::info!(capacity = args.flows_capacity, "flows recorded");
     }
-    let routes = RouteSink::new(
-        args.node_name.clone(),
-        IpRouteTable {
+    let table = match args.routing {
+        Routing::Direct => NodeRoutes::Direct(IpRouteTable {
             dev: args.underlay_dev.clone(),
-        },
-    );
+        }),
+        Routing::Vxlan => {
+            let t = VxlanRouteTable {
+                local: args.underlay_ip,
+                underlay_dev: args.underlay_dev.clone(),
+                pod_cidr,
+            };
+            t.ensure_device()
+                .context("create the VXLAN tunnel device")?;
+            NodeRoutes::Vxlan(t)
+        }
+    };
+    tracing::info!(routing = ?args.routing, "routing to other nodes' pods");
+    let routes = RouteSink::new(args.node_name.clone(), table);
     tasks.push(subscribe(
         &args.node_name,
         "ipam",

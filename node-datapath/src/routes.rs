@@ -112,6 +112,204 @@ impl RouteTable for IpRouteTable {
     }
 }
 
+/// The VXLAN device of tunnel mode.
+pub const VXLAN_DEV: &str = "mbvx0";
+/// VXLAN network identifier used between nodes.
+pub const VXLAN_VNI: u32 = 77;
+/// UDP port of the tunnel (Linux's and Cilium's default).
+pub const VXLAN_PORT: u16 = 8472;
+
+/// The tunnel endpoint MAC of a node, derived from its underlay address so
+/// that every node knows every other node's without asking.
+pub fn vtep_mac(underlay: Ipv4Addr) -> String {
+    let o = underlay.octets();
+    format!("02:6d:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
+}
+
+/// Tunnel mode: pod traffic to other nodes is encapsulated in VXLAN over
+/// the underlay (for underlays that do not route pod addresses). As in
+/// Flannel's VXLAN backend: each node's `mbvx0` carries its pod CIDR's
+/// network address; a remote CIDR is routed `onlink` via the remote
+/// network address, whose neighbour entry is the remote tunnel MAC, whose
+/// forwarding entry is the remote underlay address.
+#[derive(Debug, Clone)]
+pub struct VxlanRouteTable {
+    /// This node's underlay address.
+    pub local: Ipv4Addr,
+    /// Device towards the underlay.
+    pub underlay_dev: String,
+    /// This node's pod CIDR (its network address goes on the device).
+    pub pod_cidr: Ipv4Net,
+}
+
+impl VxlanRouteTable {
+    /// Creates the tunnel device if missing (an existing one is kept, so a
+    /// restarted agent does not interrupt traffic).
+    pub fn ensure_device(&self) -> Result<(), RouteError> {
+        if ip(&["link", "show", "dev", VXLAN_DEV]).is_err() {
+            let (vni, port, local) = (
+                VXLAN_VNI.to_string(),
+                VXLAN_PORT.to_string(),
+                self.local.to_string(),
+            );
+            ip(&[
+                "link",
+                "add",
+                VXLAN_DEV,
+                "type",
+                "vxlan",
+                "id",
+                &vni,
+                "dstport",
+                &port,
+                "local",
+                &local,
+                "dev",
+                &self.underlay_dev,
+                "nolearning",
+            ])?;
+        }
+        ip(&[
+            "link",
+            "set",
+            VXLAN_DEV,
+            "address",
+            &vtep_mac(self.local),
+            "mtu",
+            "1450",
+            "up",
+        ])?;
+        let addr = format!("{}/32", self.pod_cidr.network());
+        ip(&["addr", "replace", &addr, "dev", VXLAN_DEV])?;
+        Ok(())
+    }
+}
+
+impl RouteTable for VxlanRouteTable {
+    fn list(&mut self) -> Result<BTreeSet<PodRoute>, RouteError> {
+        let proto = ROUTE_PROTO.to_string();
+        let out = ip(&["-4", "route", "show", "proto", &proto, "dev", VXLAN_DEV])?;
+        // The underlay address behind each route is in the forwarding table:
+        // overlay next hop → MAC (neighbour) → underlay (fdb).
+        let neigh = ip(&["-4", "neigh", "show", "dev", VXLAN_DEV])?;
+        let fdb = run_bridge(&["fdb", "show", "dev", VXLAN_DEV])?;
+        let mac_of = |hop: &str| {
+            neigh
+                .lines()
+                .find(|l| l.split_whitespace().next() == Some(hop))
+                .and_then(|l| {
+                    let w: Vec<&str> = l.split_whitespace().collect();
+                    w.iter()
+                        .position(|x| *x == "lladdr")
+                        .and_then(|i| w.get(i + 1))
+                        .map(|m| m.to_string())
+                })
+        };
+        let underlay_of = |mac: &str| {
+            fdb.lines().find(|l| l.starts_with(mac)).and_then(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                w.iter()
+                    .position(|x| *x == "dst")
+                    .and_then(|i| w.get(i + 1))
+                    .and_then(|d| d.parse().ok())
+            })
+        };
+        Ok(out
+            .lines()
+            .filter_map(|l| {
+                let mut words = l.split_whitespace();
+                let cidr = words.next()?.parse().ok()?;
+                let hop = l.split_whitespace().skip_while(|w| *w != "via").nth(1)?;
+                let via = underlay_of(&mac_of(hop)?)?;
+                Some(PodRoute { cidr, via })
+            })
+            .collect())
+    }
+
+    fn replace(&mut self, r: &PodRoute) -> Result<(), RouteError> {
+        let hop = r.cidr.network().to_string();
+        let mac = vtep_mac(r.via);
+        let (cidr, via, proto) = (
+            r.cidr.to_string(),
+            r.via.to_string(),
+            ROUTE_PROTO.to_string(),
+        );
+        run_bridge(&["fdb", "replace", &mac, "dev", VXLAN_DEV, "dst", &via])?;
+        ip(&[
+            "neigh",
+            "replace",
+            &hop,
+            "lladdr",
+            &mac,
+            "dev",
+            VXLAN_DEV,
+            "nud",
+            "permanent",
+        ])?;
+        ip(&[
+            "route", "replace", &cidr, "via", &hop, "dev", VXLAN_DEV, "onlink", "proto", &proto,
+        ])
+        .map(drop)
+    }
+
+    fn remove(&mut self, r: &PodRoute) -> Result<(), RouteError> {
+        let hop = r.cidr.network().to_string();
+        let mac = vtep_mac(r.via);
+        let (cidr, proto) = (r.cidr.to_string(), ROUTE_PROTO.to_string());
+        ip(&["route", "del", &cidr, "proto", &proto])?;
+        let _ = ip(&["neigh", "del", &hop, "dev", VXLAN_DEV]);
+        let _ = run_bridge(&["fdb", "del", &mac, "dev", VXLAN_DEV]);
+        Ok(())
+    }
+}
+
+fn run_bridge(args: &[&str]) -> Result<String, RouteError> {
+    let out = std::process::Command::new("bridge")
+        .args(args)
+        .output()
+        .map_err(|e| RouteError::Command {
+            command: format!("bridge {}", args.join(" ")),
+            stderr: e.to_string(),
+        })?;
+    if !out.status.success() {
+        return Err(RouteError::Command {
+            command: format!("bridge {}", args.join(" ")),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Either routing mode, chosen at start.
+#[derive(Debug, Clone)]
+pub enum NodeRoutes {
+    /// Direct routing over the underlay.
+    Direct(IpRouteTable),
+    /// VXLAN tunnel.
+    Vxlan(VxlanRouteTable),
+}
+
+impl RouteTable for NodeRoutes {
+    fn list(&mut self) -> Result<BTreeSet<PodRoute>, RouteError> {
+        match self {
+            NodeRoutes::Direct(t) => t.list(),
+            NodeRoutes::Vxlan(t) => t.list(),
+        }
+    }
+    fn replace(&mut self, r: &PodRoute) -> Result<(), RouteError> {
+        match self {
+            NodeRoutes::Direct(t) => t.replace(r),
+            NodeRoutes::Vxlan(t) => t.replace(r),
+        }
+    }
+    fn remove(&mut self, r: &PodRoute) -> Result<(), RouteError> {
+        match self {
+            NodeRoutes::Direct(t) => t.remove(r),
+            NodeRoutes::Vxlan(t) => t.remove(r),
+        }
+    }
+}
+
 /// The routes `node` needs, from IPAM's published state.
 pub fn desired_routes(
     node: &str,
@@ -247,5 +445,19 @@ mod tests {
         let err = sink.reconcile(&bad).expect_err("bad cidr");
         assert!(err.to_string().contains("node/node-3"), "{err}");
         assert_eq!(sink.table.0.len(), 1);
+    }
+}
+
+#[cfg(test)]
+mod vxlan_tests {
+    use super::*;
+
+    #[test]
+    fn tunnel_macs_are_derived_from_underlay_addresses() {
+        assert_eq!(vtep_mac(Ipv4Addr::new(10, 99, 0, 12)), "02:6d:0a:63:00:0c");
+        assert_ne!(
+            vtep_mac(Ipv4Addr::new(10, 99, 0, 11)),
+            vtep_mac(Ipv4Addr::new(10, 99, 0, 12))
+        );
     }
 }

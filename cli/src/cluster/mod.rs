@@ -90,6 +90,9 @@ pub struct UpArgs {
     /// Log filter passed to every component (`MEMBRANE_LOG`).
     #[arg(long, env = "MEMBRANE_COMPONENT_LOG", default_value = "info")]
     pub component_log: String,
+    /// How pod traffic crosses nodes: `direct` routing over the underlay, or a `vxlan` tunnel.
+    #[arg(long, env = "MEMBRANE_UP_ROUTING", default_value = "direct", value_parser = ["direct", "vxlan"])]
+    pub routing: String,
     /// Seconds to wait for every component to report healthy.
     #[arg(long, env = "MEMBRANE_UP_TIMEOUT", default_value_t = 60)]
     pub timeout: u64,
@@ -459,6 +462,7 @@ async fn start(
                     "MEMBRANE_METRICS_LISTEN".to_string(),
                     format!("{}:9200", node.ip),
                 ),
+                ("MEMBRANE_ROUTING".to_string(), args.routing.clone()),
                 (
                     "MEMBRANE_BPF_PIN_DIR".to_string(),
                     Path::new(BPF_ROOT).join(&node.netns).display().to_string(),
