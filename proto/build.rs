@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "membrane/observer/v1/observer.proto",
         "membrane/identity/v1/identity.proto",
         "membrane/policy/v1/policy.proto",
+        "membrane/lb/v1/lb.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");

@@ -78,6 +78,11 @@ enum Command {
         #[command(subcommand)]
         what: PodCommand,
     },
+    /// Load-balancing tools.
+    Lb {
+        #[command(subcommand)]
+        what: LbCommand,
+    },
     /// Network policy tools.
     Policy {
         #[command(subcommand)]
@@ -109,6 +114,8 @@ enum GetCommand {
     Identities(OutputFlag),
     /// Network policies, the identities they select, and what is not enforced.
     Policies(OutputFlag),
+    /// Kubernetes services: frontends, backends, algorithm.
+    Services(OutputFlag),
     /// The ipcache (address → identity) as each node's eBPF map holds it.
     Ipcache {
         /// Only this node.
@@ -154,6 +161,17 @@ enum PodCommand {
         /// Pod namespace.
         #[arg(long, short = 'n', default_value = "default")]
         namespace: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum LbCommand {
+    /// A service's Maglev table (slot → backend address), computed from what the lb service publishes.
+    Table {
+        /// `namespace/name`, or `name` in `default`.
+        service: String,
+        #[command(flatten)]
+        output: OutputFlag,
     },
 }
 
@@ -261,6 +279,12 @@ async fn run(cli: Cli) -> anyhow::Result<Exit> {
                     namespace,
                 },
         } => commands::pod::label(&ctx()?, &namespace, &name, &changes).await?,
+        Command::Get {
+            what: GetCommand::Services(o),
+        } => commands::services::get_services(&ctx()?, o.output).await?,
+        Command::Lb {
+            what: LbCommand::Table { service, output },
+        } => commands::services::lb_table(&ctx()?, &service, output.output).await?,
         Command::Get {
             what: GetCommand::Policies(o),
         } => commands::policy::get_policies(&ctx()?, o.output).await?,

@@ -65,3 +65,10 @@ pub mod observer {
         tonic::include_proto!("membrane.observer.v1");
     }
 }
+
+/// `membrane.lb.v1`: service load balancing.
+pub mod lb {
+    pub mod v1 {
+        tonic::include_proto!("membrane.lb.v1");
+    }
+}

@@ -19,6 +19,9 @@ pub const KINDS: &[(&str, &str, &str)] = &[
     ("cilium.io/v2", "CiliumClusterwideNetworkPolicy", "policy"),
     ("networking.k8s.io/v1", "NetworkPolicy", "policy"),
     ("v1", "Namespace", "policy"),
+    ("v1", "Service", "lb"),
+    ("v1", "Endpoints", "lb"),
+    ("discovery.k8s.io/v1", "EndpointSlice", "lb"),
 ];
 
 /// One document read from a file.

@@ -7,6 +7,7 @@ pub mod ipam;
 pub mod observe;
 pub mod pod;
 pub mod policy;
+pub mod services;
 pub mod status;
 
 /// Turns a gRPC status into an error that reads like the service's message.

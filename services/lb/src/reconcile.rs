@@ -1,0 +1,172 @@
+//! Level-triggered: stored objects (etcd) + pods (identity stream) → one
+//! published `service/<ns>/<name>` per service. Every pass recomputes the
+//! whole desired state from a fresh snapshot and publishes only the services
+//! whose state changed, so a backend change costs one `ServiceState`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use membrane_runtime::stream::{Change, Publisher, Scope};
+use tokio::sync::watch;
+
+use crate::grpc;
+use crate::model::{self, Pod, ServiceState};
+use crate::store::{LbStore, Snapshot};
+
+/// The published services by resource key, for the gRPC API.
+pub type States = BTreeMap<String, ServiceState>;
+
+/// The resource key of a service.
+pub fn resource_key(ns: &str, name: &str) -> String {
+    format!("service/{ns}/{name}")
+}
+
+/// Computes every service's state from `snap` and `pods`; also returns
+/// backend addresses that still need an id.
+pub fn desired(
+    store: &LbStore,
+    snap: &Snapshot,
+    pods: &[Pod],
+) -> (States, BTreeSet<std::net::Ipv4Addr>) {
+    let mut missing = BTreeSet::new();
+    let mut states = BTreeMap::new();
+    for svc in &snap.services {
+        let (cands, _) = model::backends_of(svc, pods, &snap.sets);
+        missing.extend(cands.keys().filter(|a| !snap.ids.contains_key(a)));
+        let st = model::service_state(
+            svc,
+            &store.config(),
+            store.seed(),
+            pods,
+            &snap.sets,
+            &snap.ids,
+        );
+        states.insert(resource_key(&svc.namespace, &svc.name), st);
+    }
+    (states, missing)
+}
+
+/// Publishes the difference between `old` and `new`; returns whether anything changed.
+pub fn publish_diff(publisher: &Publisher, old: &States, new: &States) -> bool {
+    let mut changes = Vec::new();
+    for (k, v) in new {
+        if old.get(k) != Some(v) {
+            match grpc::encode(v) {
+                Ok(value) => changes.push(Change::Upsert {
+                    key: k.clone(),
+                    scope: Scope::All,
+                    value,
+                }),
+                Err(e) => tracing::error!(key = %k, error = %e, "service state does not encode"),
+            }
+        }
+    }
+    for k in old.keys().filter(|k| !new.contains_key(*k)) {
+        changes.push(Change::Remove { key: k.clone() });
+    }
+    if changes.is_empty() {
+        return false;
+    }
+    publisher.apply(publisher.version() + 1, changes);
+    true
+}
+
+/// Runs the reconciler until both inputs close: `changes` ticks on every
+/// stored change, `pods` carries the current pods.
+pub async fn run(
+    store: LbStore,
+    publisher: Publisher,
+    mut changes: watch::Receiver<i64>,
+    mut pods: watch::Receiver<Vec<Pod>>,
+    states: watch::Sender<States>,
+) {
+    loop {
+        changes.borrow_and_update();
+        let current_pods = pods.borrow_and_update().clone();
+        match pass(&store, &current_pods).await {
+            Ok(new) => {
+                let old = states.borrow().clone();
+                if publish_diff(&publisher, &old, &new) {
+                    tracing::debug!(
+                        services = new.len(),
+                        version = publisher.version(),
+                        "published"
+                    );
+                }
+                states.send_replace(new);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reconcile failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        }
+        tokio::select! {
+            r = changes.changed() => if r.is_err() && pods.has_changed().is_err() { return },
+            r = pods.changed() => if r.is_err() && changes.has_changed().is_err() { return },
+        }
+    }
+}
+
+async fn pass(store: &LbStore, pods: &[Pod]) -> Result<States, crate::store::LbError> {
+    let mut snap = store.snapshot().await?;
+    let (mut states, missing) = desired(store, &snap, pods);
+    if !missing.is_empty() {
+        store.ensure_backend_ids(&missing).await?;
+        snap = store.snapshot().await?;
+        states = desired(store, &snap, pods).0;
+    }
+    Ok(states)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::maglev::{Seed, TableSize};
+    use crate::model::{Algorithm, Backend};
+
+    fn state(backends: u8) -> ServiceState {
+        ServiceState {
+            namespace: "default".into(),
+            name: "web".into(),
+            frontends: vec![],
+            algorithm: Algorithm::Maglev,
+            hash_source_only: false,
+            affinity_timeout: 0,
+            backends: (1..=backends)
+                .map(|i| Backend {
+                    id: i.into(),
+                    address: [10, 0, 0, i].into(),
+                    weight: 1,
+                    source: String::new(),
+                })
+                .collect(),
+            table_size: TableSize::default(),
+            seed: Seed::from_bytes([3; 12]),
+        }
+    }
+
+    #[test]
+    fn a_backend_change_publishes_only_the_changed_service() {
+        let publisher = Publisher::new();
+        let mut old = States::new();
+        old.insert(resource_key("default", "web"), state(3));
+        old.insert(resource_key("default", "db"), state(1));
+        assert!(publish_diff(&publisher, &States::new(), &old));
+        assert_eq!((publisher.len(), publisher.version()), (2, 1));
+        let mut new = old.clone();
+        new.insert(resource_key("default", "web"), state(2));
+        assert!(publish_diff(&publisher, &old, &new));
+        assert_eq!(publisher.version(), 2);
+        assert!(
+            !publish_diff(&publisher, &new, &new),
+            "no change, no version"
+        );
+        new.remove(&resource_key("default", "db"));
+        assert!(publish_diff(&publisher, &old, &new));
+        assert_eq!(publisher.len(), 1);
+        // The bytes a one-backend change costs: one ServiceState.
+        let bytes = grpc::encode(&state(2)).expect("encode").value.len();
+        assert!(bytes < 200, "{bytes} bytes");
+    }
+}
