@@ -336,6 +336,7 @@ async fn run(cli: Cli) -> anyhow::Result<Exit> {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     membrane_runtime::tls::install_crypto_provider();
+    quiet_on_closed_stdout();
     match run(Cli::parse()).await {
         Ok(Exit::Ok) => std::process::ExitCode::SUCCESS,
         Ok(Exit::Failed) => std::process::ExitCode::FAILURE,
@@ -345,4 +346,22 @@ async fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// `membrane get ... | head` closes stdout early; like other Unix tools,
+/// exit quietly instead of panicking on the broken pipe.
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.contains("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default(info);
+    }));
 }
