@@ -20,7 +20,7 @@ use tokio::sync::{Mutex, Semaphore};
 
 /// How often the remote node's map is read. Reading dumps the whole map
 /// under the datapath lock, so polling too often slows what it measures.
-const POLL_MS: u64 = 25;
+const POLL_MS: u64 = 100;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

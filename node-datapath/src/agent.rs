@@ -109,6 +109,33 @@ pub struct Args {
     /// How many recent flows the node keeps for `GetFlows`.
     #[arg(long, env = "MEMBRANE_FLOWS_CAPACITY", default_value_t = observer::DEFAULT_CAPACITY)]
     pub flows_capacity: usize,
+    /// Socket-level load balancing of ClusterIP services (`bpf_sock` on the
+    /// node's cgroup); needs `--lb-endpoint`. Off by default.
+    #[arg(
+        long,
+        env = "MEMBRANE_SERVICE_LB",
+        default_value_t = false,
+        action = clap::ArgAction::Set
+    )]
+    pub service_lb: bool,
+    /// Load-balancing service URL (its desired-state stream); used with `--service-lb`.
+    #[arg(long, env = "MEMBRANE_LB_ENDPOINT")]
+    pub lb_endpoint: Option<String>,
+    /// Name the load-balancing service's certificate carries.
+    #[arg(
+        long,
+        env = "MEMBRANE_LB_SERVER_NAME",
+        default_value = "lb.membrane.local"
+    )]
+    pub lb_server_name: String,
+    /// cgroup v2 directory under which the node's cgroup
+    /// (`<root>/<node>`, holding its pods' cgroups) is created.
+    #[arg(
+        long,
+        env = "MEMBRANE_CGROUP_ROOT",
+        default_value = "/sys/fs/cgroup/unified/membrane"
+    )]
+    pub cgroup_root: PathBuf,
     #[command(flatten)]
     pub tls: flags::TlsFlags,
     #[command(flatten)]
@@ -312,6 +339,30 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
             ));
         }
         None => tracing::warn!("no policy service configured: no network policy is enforced"),
+    }
+
+    match (args.service_lb, &args.lb_endpoint) {
+        (true, Some(url)) => {
+            let cgroup = args.cgroup_root.join(&args.node_name);
+            std::fs::create_dir_all(&cgroup)
+                .with_context(|| format!("create the node's cgroup {}", cgroup.display()))?;
+            let mut sock = bpf::SockLb::load(&args.bpf_pin_dir).context("load bpf_sock")?;
+            sock.attach(&cgroup)
+                .with_context(|| format!("attach bpf_sock to {}", cgroup.display()))?;
+            tracing::info!(cgroup = %cgroup.display(), "socket load balancing attached");
+            let channel = rpc::connect_lazy(url, &args.lb_server_name, tls.as_ref())?;
+            tasks.push(subscribe(
+                &args.node_name,
+                "lb",
+                channel,
+                crate::lb::LbSink::new(sock),
+                &applied_tx,
+            ));
+        }
+        (true, None) => {
+            tracing::warn!("--service-lb needs --lb-endpoint: socket load balancing stays off");
+        }
+        (false, _) => {}
     }
 
     let facts = NodeFacts {

@@ -149,21 +149,28 @@ pub fn desired_ipcache(
         if !key.starts_with("ipcache/") {
             break;
         }
-        let e: pb::IpcacheEntry = value
-            .to_msg()
-            .map_err(|e| format!("resource `{key}`: {e}"))?;
-        // IPv6 entries have no map yet.
-        let Ok(prefix) = e.prefix.parse::<Ipv4Net>() else {
-            continue;
-        };
-        let id = if e.identity == REMOTE_NODE && e.node == node {
-            HOST
-        } else {
-            e.identity
-        };
-        out.insert(prefix, id);
+        if let Some((prefix, id)) = ipcache_entry(node, key, value)? {
+            out.insert(prefix, id);
+        }
     }
     Ok(out)
+}
+
+/// The map entry of one `ipcache/<prefix>` resource; `None` for what the
+/// map does not hold (IPv6 entries have no map yet).
+fn ipcache_entry(node: &str, key: &str, value: &Any) -> Result<Option<(Ipv4Net, u32)>, String> {
+    let e: pb::IpcacheEntry = value
+        .to_msg()
+        .map_err(|e| format!("resource `{key}`: {e}"))?;
+    let Ok(prefix) = e.prefix.parse::<Ipv4Net>() else {
+        return Ok(None);
+    };
+    let id = if e.identity == REMOTE_NODE && e.node == node {
+        HOST
+    } else {
+        e.identity
+    };
+    Ok(Some((prefix, id)))
 }
 
 /// The labels of every identity the identity service published
@@ -374,9 +381,9 @@ impl<M: IpcacheMap> IpcacheSink<M> {
             };
             match state.get(key) {
                 Some(value) => {
-                    let one: BTreeMap<String, Any> =
-                        [(key.clone(), value.clone())].into_iter().collect();
-                    let id = desired_ipcache(&self.node, &one)?.remove(&prefix);
+                    let id = ipcache_entry(&self.node, key, value)?
+                        .filter(|(p, _)| *p == prefix)
+                        .map(|(_, id)| id);
                     ops.push((prefix, id));
                 }
                 None => ops.push((prefix, None)),

@@ -5,6 +5,7 @@
 //! - [`routes`]: kernel routes to other nodes' pod CIDRs, from IPAM's stream.
 //! - [`endpoints`]: attaching pods (veth, addresses, routes, eBPF) and detaching them.
 //! - [`identity`]: identities of local pods, the node's lease, the ipcache map from the identity service's stream.
+//! - [`lb`]: socket-level ClusterIP load balancing from the lb service's stream (behind `--service-lb`).
 //! - [`netlink`]: iproute2 invocations, in the node's or a pod's namespace.
 //! - [`policy`]: network policy from the policy service's stream into per-endpoint eBPF entries.
 //! - [`masquerade`]: nftables masquerading of traffic leaving the cluster.
@@ -18,6 +19,7 @@ pub mod api;
 pub mod bpf;
 pub mod endpoints;
 pub mod identity;
+pub mod lb;
 pub mod masquerade;
 pub mod metrics;
 pub mod netlink;

@@ -283,6 +283,7 @@ pub async fn run(ctx: &Ctx, args: RunArgs) -> anyhow::Result<()> {
         .unwrap_or_default()
         .to_string();
     std::fs::write(&path, serde_json::to_vec_pretty(&pod)?).context("write pod record")?;
+    create_pod_cgroup(&pod);
     match args.output.output {
         Format::Table => println!("{}", pod.ip),
         f => output::print_value(f, &serde_json::to_value(&pod)?)?,
@@ -298,6 +299,7 @@ pub async fn rm(ctx: &Ctx, namespace: &str, name: &str) -> anyhow::Result<()> {
         cni(ctx, "DEL", &pod)?;
     }
     net::del_netns(&pod.netns)?;
+    remove_pod_cgroup(&pod);
     let _lock = lock(&state_dir)?;
     let mut rec = Record::load(&state_dir)?;
     rec.created.netns.retain(|n| n != &pod.netns);
@@ -326,15 +328,81 @@ pub fn list(ctx: &Ctx, format: Format) -> anyhow::Result<()> {
     )
 }
 
-/// Runs `argv` in network namespace `netns`, returning its exit code.
-fn exec_in(netns: &str, argv: &[String]) -> anyhow::Result<i32> {
+/// Where pods' cgroups live: `<root>/<node>/<netns>`, below the node's
+/// cgroup, to which the node agent attaches socket load balancing
+/// (`--service-lb`). `MEMBRANE_CGROUP_ROOT` overrides it, as for the agent.
+fn cgroup_root() -> PathBuf {
+    std::env::var_os("MEMBRANE_CGROUP_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup/unified/membrane"))
+}
+
+fn pod_cgroup(pod: &PodRecord) -> PathBuf {
+    cgroup_root().join(&pod.node).join(&pod.netns)
+}
+
+/// Creates the pod's cgroup; without a cgroup v2 hierarchy, warns and goes on
+/// (the pod works, only socket load balancing will not see it).
+fn create_pod_cgroup(pod: &PodRecord) {
+    let dir = pod_cgroup(pod);
+    let hierarchy = cgroup_root();
+    if !hierarchy.parent().is_some_and(|m| m.join("cgroup.procs").exists()) {
+        eprintln!(
+            "warning: no cgroup v2 hierarchy at {}: pod/{} runs without a cgroup",
+            hierarchy.display(),
+            pod.name
+        );
+        return;
+    }
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        eprintln!("warning: create cgroup {}: {e}", dir.display());
+    }
+}
+
+/// Removes the pod's cgroup (after its processes are gone).
+fn remove_pod_cgroup(pod: &PodRecord) {
+    let dir = pod_cgroup(pod);
+    match std::fs::remove_dir(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => eprintln!("warning: remove cgroup {}: {e}", dir.display()),
+    }
+}
+
+/// Runs `argv` in network namespace `netns` (and, when given and present,
+/// in `cgroup`), returning its exit code. The cgroup is joined by a small
+/// shell that writes its own pid into `cgroup.procs` before it execs
+/// nsenter, so the command is in the cgroup from its first instruction.
+fn exec_in(netns: &str, cgroup: Option<&Path>, argv: &[String]) -> anyhow::Result<i32> {
     anyhow::ensure!(!argv.is_empty(), "no command given (use `-- CMD ...`)");
     anyhow::ensure!(
         net::netns_exists(netns),
         "network namespace `{netns}` does not exist"
     );
-    let status = Command::new("nsenter")
-        .arg(format!("--net={}", net::netns_path(netns)))
+    let nsenter_net = format!("--net={}", net::netns_path(netns));
+    let mut cmd = match cgroup {
+        Some(dir) if dir.is_dir() => {
+            let mut c = Command::new("sh");
+            c.arg("-c")
+                .arg(
+                    r#"procs="$1"; shift; echo $$ > "$procs" || echo "warning: could not join cgroup ($procs): running without" >&2; exec "$@""#,
+                )
+                .arg("sh")
+                .arg(dir.join("cgroup.procs"))
+                .arg("nsenter");
+            c
+        }
+        Some(dir) => {
+            eprintln!(
+                "warning: cgroup {} is missing: running without it",
+                dir.display()
+            );
+            Command::new("nsenter")
+        }
+        None => Command::new("nsenter"),
+    };
+    let status = cmd
+        .arg(nsenter_net)
         .arg("--")
         .args(argv)
         .status()
@@ -342,10 +410,10 @@ fn exec_in(netns: &str, argv: &[String]) -> anyhow::Result<i32> {
     Ok(status.code().unwrap_or(128))
 }
 
-/// `membrane pod exec`.
+/// `membrane pod exec`: in the pod's network namespace and cgroup.
 pub fn exec(ctx: &Ctx, namespace: &str, name: &str, argv: &[String]) -> anyhow::Result<i32> {
     let pod = find(&ctx.info.state_dir, namespace, name)?;
-    exec_in(&pod.netns, argv)
+    exec_in(&pod.netns, Some(&pod_cgroup(&pod)), argv)
 }
 
 /// `membrane host exec`.
@@ -360,7 +428,7 @@ pub fn host_exec(ctx: &Ctx, host: &str, argv: &[String]) -> anyhow::Result<i32> 
             .map(|n| n.netns.clone())
             .with_context(|| format!("host `{host}`: not `external` or a node name"))?
     };
-    exec_in(&netns, argv)
+    exec_in(&netns, None, argv)
 }
 
 /// `membrane get endpoints`: what every node-datapath has programmed.

@@ -12,6 +12,8 @@
 //! - `events`: ring buffer readers (blocking and tokio).
 //! - `features`: kernel feature probes.
 //! - `bpffs`: [`ensure_bpffs`].
+//! - `sock`: [`SockLb`]: socket-level service load balancing (`bpf_sock`,
+//!   cgroup connect4/sendmsg4/recvmsg4), its maps and pinned cgroup links.
 //!
 //! Invariants:
 //! - Maps are pinned by name under `<pin_dir>/v<LAYOUT_VERSION>/`: both
@@ -29,6 +31,7 @@ mod error;
 mod events;
 mod features;
 mod policy;
+mod sock;
 mod types;
 
 use std::fmt;
@@ -39,6 +42,10 @@ pub use datapath::{AttachMode, Datapath, DatapathOptions, PolicyMode, TestRunOut
 pub use error::{AttachError, Error};
 pub use events::{AsyncEventReader, EventReader};
 pub use features::{Features, probe_features};
+pub use sock::{
+    LbAlgorithm, LbBackend, LbFrontend, LbProtocol, LbService, SOCK_LB_LAYOUT_VERSION, SockLb,
+    SockLbError,
+};
 pub use policy::{PolicyEntry, PolicyError, PortMatch, Verdict, identity};
 pub use types::{
     Counter, CtDirection, CtEntry, DatapathEvent, Direction, DropReason, EndpointInfo, EventKind,
@@ -74,6 +81,8 @@ mod objects {
         aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_lxc.o"));
     pub(super) static HOST: &[u8] =
         aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_host.o"));
+    pub(super) static SOCK: &[u8] =
+        aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_sock.o"));
     pub(super) static PROBE: &[u8] =
         aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe.o"));
 }

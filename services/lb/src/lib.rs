@@ -13,11 +13,20 @@
 //! - [`reconcile`]: stored objects + pods → published `service/<ns>/<name>`.
 //! - [`grpc`]: the `membrane.lb.v1.LoadBalancer` service, the proto
 //!   conversions and the identity-stream sink that supplies pods.
+//!
+//! Feature `server` (default): everything but [`maglev`]. Without it the
+//! crate is [`maglev`] alone, with no I/O dependencies (the node agent
+//! uses it that way to build tables).
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "server")]
 pub mod grpc;
 pub mod maglev;
+#[cfg(feature = "server")]
 pub mod model;
+#[cfg(feature = "server")]
 pub mod objects;
+#[cfg(feature = "server")]
 pub mod reconcile;
+#[cfg(feature = "server")]
 pub mod store;

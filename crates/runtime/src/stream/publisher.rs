@@ -346,7 +346,29 @@ async fn serve_node(
         tokio::select! {
             delta = rx.recv() => match delta {
                 Ok(delta) => {
-                    if let Some(update) = filter_delta(&delta, node) {
+                    // Everything else already waiting goes out in the same
+                    // update: a node that is behind catches up in a few
+                    // messages (and ACKs) rather than one per version.
+                    let mut merged = Merged::default();
+                    merged.add(&delta, node);
+                    let mut lagged = None;
+                    for _ in 1..MAX_COALESCE {
+                        match rx.try_recv() {
+                            Ok(delta) => merged.add(&delta, node),
+                            Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                                lagged = Some(n);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    if let Some(n) = lagged {
+                        tracing::warn!(node = %node, missed = n, "node stream lagged; resending snapshot");
+                        match send_snapshot(publisher, node, &out).await {
+                            Some((v, r)) => { sent = v; rx = r; }
+                            None => return "node went away during snapshot".into(),
+                        }
+                    } else if let Some(update) = merged.into_update() {
                         sent = update.version;
                         if out.send(Ok(update)).await.is_err() {
                             return "node went away".into();
@@ -417,31 +439,150 @@ async fn send_snapshot(
     Some((version, rx))
 }
 
-/// The part of `delta` that `node` sees, or `None` if nothing.
-fn filter_delta(delta: &Delta, node: &str) -> Option<pb::StateUpdate> {
-    let upserts: Vec<_> = delta
-        .upserts
-        .iter()
-        .filter(|(_, scope, _)| scope.visible_to(node))
-        .map(|(key, _, value)| pb::Resource {
-            key: key.clone(),
-            value: Some(value.clone()),
-        })
-        .collect();
-    let removals: Vec<_> = delta
-        .removals
-        .iter()
-        .filter(|(_, scope)| scope.visible_to(node))
-        .map(|(key, _)| key.clone())
-        .collect();
-    if upserts.is_empty() && removals.is_empty() {
-        return None;
+/// At most this many published versions are sent to a node as one update.
+const MAX_COALESCE: usize = 1024;
+
+/// Consecutive deltas as one node sees them, net of each other: the last
+/// change of each key wins, and the version is the newest delta's.
+#[derive(Debug, Default)]
+struct Merged {
+    version: u64,
+    /// Resource key → its value, or `None` when removed.
+    changes: BTreeMap<String, Option<Any>>,
+}
+
+impl Merged {
+    /// Adds the part of `delta` that `node` sees. Within one delta removals
+    /// come first (a resource whose scope changed is removed from its old
+    /// scope and upserted in its new one), as the subscriber applies them.
+    fn add(&mut self, delta: &Delta, node: &str) {
+        let removals = delta
+            .removals
+            .iter()
+            .filter(|(_, scope)| scope.visible_to(node));
+        for (key, _) in removals {
+            self.changes.insert(key.clone(), None);
+        }
+        let upserts = delta
+            .upserts
+            .iter()
+            .filter(|(_, scope, _)| scope.visible_to(node));
+        for (key, _, value) in upserts {
+            self.changes.insert(key.clone(), Some(value.clone()));
+        }
+        // Versions grow; one this node does not see still counts, so that
+        // an ACK of the update covers it.
+        self.version = self.version.max(delta.version);
     }
-    Some(pb::StateUpdate {
-        version: delta.version,
-        snapshot: false,
-        snapshot_end: false,
-        upserts,
-        removals,
-    })
+
+    /// The update to send, or `None` if the node sees nothing of it.
+    fn into_update(self) -> Option<pb::StateUpdate> {
+        if self.changes.is_empty() {
+            return None;
+        }
+        let mut upserts = Vec::new();
+        let mut removals = Vec::new();
+        for (key, value) in self.changes {
+            match value {
+                Some(value) => upserts.push(pb::Resource {
+                    key,
+                    value: Some(value),
+                }),
+                None => removals.push(key),
+            }
+        }
+        Some(pb::StateUpdate {
+            version: self.version,
+            snapshot: false,
+            snapshot_end: false,
+            upserts,
+            removals,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn any(v: &str) -> Any {
+        Any {
+            type_url: "test/v".into(),
+            value: v.as_bytes().to_vec(),
+        }
+    }
+
+    fn delta(version: u64, upserts: &[(&str, Scope, &str)], removals: &[(&str, Scope)]) -> Delta {
+        Delta {
+            version,
+            upserts: upserts
+                .iter()
+                .map(|(k, s, v)| (k.to_string(), s.clone(), any(v)))
+                .collect(),
+            removals: removals
+                .iter()
+                .map(|(k, s)| (k.to_string(), s.clone()))
+                .collect(),
+        }
+    }
+
+    /// (version, upserts as key and value bytes, removals).
+    type Summary = (u64, Vec<(String, Vec<u8>)>, Vec<String>);
+
+    fn summary(u: &pb::StateUpdate) -> Summary {
+        (
+            u.version,
+            u.upserts
+                .iter()
+                .map(|r| (r.key.clone(), r.value.clone().unwrap_or_default().value))
+                .collect(),
+            u.removals.clone(),
+        )
+    }
+
+    #[test]
+    fn merged_deltas_carry_the_last_change_of_each_key_at_the_newest_version() {
+        let n1 = || Scope::Node("node-1".into());
+        let n2 = || Scope::Node("node-2".into());
+        let deltas = [
+            delta(5, &[("a", Scope::All, "1"), ("b", Scope::All, "1")], &[]),
+            delta(6, &[("a", Scope::All, "2")], &[("c", Scope::All)]),
+            // Removed then published again: an upsert.
+            delta(7, &[], &[("b", Scope::All)]),
+            delta(8, &[("b", Scope::All, "3")], &[]),
+            // Published then removed: a removal.
+            delta(9, &[("d", n1(), "1")], &[]),
+            delta(10, &[], &[("d", n1())]),
+            // Moved from node-1's scope to node-2's: node-1 sees a removal.
+            delta(11, &[("e", n2(), "1")], &[("e", n1())]),
+            // Only node-2 sees it; the version still counts.
+            delta(12, &[("f", n2(), "1")], &[]),
+        ];
+        let mut m = Merged::default();
+        for d in &deltas {
+            m.add(d, "node-1");
+        }
+        let u = m.into_update().expect("an update");
+        assert!(!u.snapshot && !u.snapshot_end);
+        assert_eq!(
+            summary(&u),
+            (
+                12,
+                vec![("a".into(), b"2".to_vec()), ("b".into(), b"3".to_vec())],
+                vec!["c".into(), "d".into(), "e".into()]
+            )
+        );
+        // A scope change inside one delta, both scopes visible: the upsert wins.
+        let mut m = Merged::default();
+        m.add(
+            &delta(3, &[("x", Scope::All, "2")], &[("x", n1())]),
+            "node-1",
+        );
+        let u = m.into_update().expect("an update");
+        assert_eq!(summary(&u), (3, vec![("x".into(), b"2".to_vec())], vec![]));
+        // Nothing visible: nothing to send.
+        let mut m = Merged::default();
+        m.add(&delta(4, &[("y", n2(), "1")], &[]), "node-1");
+        assert!(m.into_update().is_none());
+    }
 }

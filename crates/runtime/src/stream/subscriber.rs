@@ -1,9 +1,10 @@
 //! The subscriber half of the desired-state stream.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::time::Duration;
 
+use futures::FutureExt as _;
 use membrane_proto::stream::v1 as pb;
 use pb::desired_state_client::DesiredStateClient;
 use prost_types::Any;
@@ -44,6 +45,19 @@ pub struct Subscriber {
     service: String,
     channel: GrpcChannel,
     state_tx: watch::Sender<SubscriberState>,
+}
+
+/// At most this many stream messages are folded into one apply.
+const MAX_BATCH: usize = 4096;
+
+/// Messages folded into one apply.
+#[derive(Debug, Default)]
+struct Batch {
+    /// Keys changed since the last apply.
+    changed: BTreeSet<String>,
+    /// Whether `desired` moved to a new complete version (an update, or a
+    /// snapshot's last chunk), so there is something to apply.
+    complete: bool,
 }
 
 /// How often a refused state is retried.
@@ -132,69 +146,132 @@ impl Subscriber {
                 }
             };
             let Some(update) = msg else { return Ok(()) };
-            let changed: Vec<String>;
-            if update.snapshot {
-                if update.version < *received && !desired.is_empty() && staging.is_none() {
-                    // A replica whose store lags behind: still take it, the service is the authority.
-                    tracing::info!(service = %self.service, version = update.version, previous = *received, "snapshot older than current state");
-                }
-                let stage = staging.get_or_insert_with(BTreeMap::new);
-                for r in update.upserts {
-                    if let Some(v) = r.value {
-                        stage.insert(r.key, v);
-                    }
-                }
-                if !update.snapshot_end {
-                    continue;
-                }
-                let Some(new) = staging.take() else { continue };
-                changed = diff_keys(desired, &new);
-                *desired = new;
-            } else {
-                if staging.is_some() {
-                    return Err("update inside an unfinished snapshot".into());
-                }
-                if update.version <= *received {
-                    nack(
-                        &tx,
-                        update.version,
-                        format!("version {} is not newer than {}", update.version, *received),
-                    )
-                    .await?;
-                    continue;
-                }
-                let mut keys = Vec::new();
-                for key in update.removals {
-                    desired.remove(&key);
-                    keys.push(key);
-                }
-                for r in update.upserts {
-                    match r.value {
-                        Some(v) => {
-                            desired.insert(r.key.clone(), v);
-                            keys.push(r.key);
-                        }
-                        None => {
-                            nack(
-                                &tx,
-                                update.version,
-                                format!("resource `{}` has no value", r.key),
-                            )
-                            .await?;
-                        }
-                    }
-                }
-                changed = keys;
-            }
-            *received = update.version;
-            self.state_tx.send_modify(|s| {
-                s.connected = true;
-                s.received_version = update.version;
-            });
-            pending_retry = !self
-                .apply(sink, desired, update.version, &changed, applied, &tx)
+            // Fold this message and every one already received behind it
+            // into one apply (and one ACK, of the newest version): a node
+            // that falls behind catches up in a few applies instead of
+            // queueing one apply per published version.
+            let mut batch = Batch::default();
+            self.fold(update, desired, &mut staging, received, &mut batch, &tx)
                 .await?;
+            let mut ended = false;
+            for _ in 1..MAX_BATCH {
+                match inbound.message().now_or_never() {
+                    None => break,
+                    Some(Ok(Some(update))) => {
+                        self.fold(update, desired, &mut staging, received, &mut batch, &tx)
+                            .await?;
+                    }
+                    Some(Ok(None)) => {
+                        ended = true;
+                        break;
+                    }
+                    Some(Err(s)) => {
+                        // Apply what arrived intact before reporting the error.
+                        if batch.complete {
+                            self.apply_batch(sink, desired, *received, batch, applied, &tx)
+                                .await?;
+                        }
+                        return Err(format!("stream from {}: {}", self.service, s.message()));
+                    }
+                }
+            }
+            if batch.complete {
+                pending_retry = !self
+                    .apply_batch(sink, desired, *received, batch, applied, &tx)
+                    .await?;
+            }
+            if ended {
+                return Ok(());
+            }
         }
+    }
+
+    /// Folds one message into `desired` (or the staged snapshot), adding the
+    /// keys it changed to `batch`. `desired` is only ever complete: a
+    /// snapshot replaces it once its last chunk has arrived.
+    async fn fold(
+        &self,
+        update: pb::StateUpdate,
+        desired: &mut BTreeMap<String, Any>,
+        staging: &mut Option<BTreeMap<String, Any>>,
+        received: &mut u64,
+        batch: &mut Batch,
+        tx: &mpsc::Sender<pb::SubscribeRequest>,
+    ) -> Result<(), String> {
+        if update.snapshot {
+            if update.version < *received && !desired.is_empty() && staging.is_none() {
+                // A replica whose store lags behind: still take it, the service is the authority.
+                tracing::info!(service = %self.service, version = update.version, previous = *received, "snapshot older than current state");
+            }
+            let stage = staging.get_or_insert_with(BTreeMap::new);
+            for r in update.upserts {
+                if let Some(v) = r.value {
+                    stage.insert(r.key, v);
+                }
+            }
+            if !update.snapshot_end {
+                return Ok(());
+            }
+            let Some(new) = staging.take() else {
+                return Ok(());
+            };
+            batch.changed.extend(diff_keys(desired, &new));
+            *desired = new;
+        } else {
+            if staging.is_some() {
+                return Err("update inside an unfinished snapshot".into());
+            }
+            if update.version <= *received {
+                return nack(
+                    tx,
+                    update.version,
+                    format!("version {} is not newer than {}", update.version, *received),
+                )
+                .await;
+            }
+            for key in update.removals {
+                desired.remove(&key);
+                batch.changed.insert(key);
+            }
+            for r in update.upserts {
+                match r.value {
+                    Some(v) => {
+                        desired.insert(r.key.clone(), v);
+                        batch.changed.insert(r.key);
+                    }
+                    None => {
+                        nack(
+                            tx,
+                            update.version,
+                            format!("resource `{}` has no value", r.key),
+                        )
+                        .await?;
+                    }
+                }
+            }
+        }
+        *received = update.version;
+        batch.complete = true;
+        Ok(())
+    }
+
+    /// Reports the batch as received, then applies it as `version`.
+    async fn apply_batch<S: StateSink>(
+        &self,
+        sink: &mut S,
+        desired: &BTreeMap<String, Any>,
+        version: u64,
+        batch: Batch,
+        applied: &mut u64,
+        tx: &mpsc::Sender<pb::SubscribeRequest>,
+    ) -> Result<bool, String> {
+        self.state_tx.send_modify(|s| {
+            s.connected = true;
+            s.received_version = version;
+        });
+        let changed: Vec<String> = batch.changed.into_iter().collect();
+        self.apply(sink, desired, version, &changed, applied, tx)
+            .await
     }
 
     /// Applies and ACKs/NACKs. Returns whether the apply succeeded.
@@ -255,4 +332,123 @@ fn diff_keys(old: &BTreeMap<String, Any>, new: &BTreeMap<String, Any>) -> Vec<St
         .filter(|(k, v)| old.get(*k) != Some(v))
         .map(|(k, _)| k);
     removed.chain(changed).cloned().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::stream::{Change, Publisher, Scope};
+
+    /// One apply: (version, state, changed).
+    type Applied = (u64, BTreeMap<String, Any>, Vec<String>);
+
+    /// A slow sink that records each apply.
+    #[derive(Clone, Default)]
+    struct Slow {
+        applied: Arc<Mutex<Vec<Applied>>>,
+    }
+
+    impl StateSink for Slow {
+        async fn apply(
+            &mut self,
+            version: u64,
+            state: &BTreeMap<String, Any>,
+            changed: &[String],
+        ) -> Result<(), String> {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            self.applied
+                .lock()
+                .expect("lock")
+                .push((version, state.clone(), changed.to_vec()));
+            Ok(())
+        }
+    }
+
+    fn any(v: u64) -> Any {
+        Any {
+            type_url: "test/v".into(),
+            value: v.to_be_bytes().to_vec(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_node_that_falls_behind_applies_what_it_received_at_once_and_acks_the_newest() {
+        let publisher = Publisher::new();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let routes = tonic::service::Routes::new(publisher.service());
+        tokio::spawn(crate::grpc::serve(
+            listener,
+            routes,
+            &[],
+            None,
+            std::future::pending(),
+        ));
+        let sink = Slow::default();
+        let channel = crate::grpc::connect_lazy(&url, "", None).expect("channel");
+        let sub = Subscriber::new("node-1", "test", channel);
+        let mut state = sub.state();
+        tokio::spawn(sub.run(sink.clone(), std::future::pending()));
+        tokio::time::timeout(Duration::from_secs(10), state.wait_for(|s| s.connected))
+            .await
+            .expect("connected")
+            .expect("state");
+
+        // 300 versions, far faster than the sink's 20 ms per apply; some
+        // keys change again, one is removed, one is only for another node.
+        for v in 2..=301u64 {
+            let mut changes = vec![Change::Upsert {
+                key: format!("k/{}", v % 100),
+                scope: Scope::All,
+                value: any(v),
+            }];
+            if v == 150 {
+                changes.push(Change::Remove { key: "k/7".into() });
+            }
+            if v == 301 {
+                changes = vec![Change::Upsert {
+                    key: "other".into(),
+                    scope: Scope::Node("node-2".into()),
+                    value: any(v),
+                }];
+            }
+            publisher.apply(v, changes);
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        let want: BTreeMap<String, Any> = (202..=300u64)
+            .map(|v| (format!("k/{}", v % 100), any(v)))
+            .chain([("k/1".to_string(), any(201))])
+            .collect();
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            state.wait_for(|s| s.applied_version == 300),
+        )
+        .await
+        .expect("caught up")
+        .expect("state");
+        let applied = sink.applied.lock().expect("lock").clone();
+        let (last_version, last_state, _) = applied.last().expect("applied");
+        assert_eq!((*last_version, last_state), (300, &want));
+        assert!(
+            applied.len() < 100,
+            "{} applies for 300 versions: updates were not batched",
+            applied.len()
+        );
+        // Versions only grow, and every changed key is named in some apply.
+        assert!(applied.windows(2).all(|w| w[0].0 < w[1].0));
+        let named: BTreeSet<&String> = applied.iter().flat_map(|(_, _, c)| c).collect();
+        assert!(want.keys().all(|k| named.contains(k)));
+        // The publisher saw the newest version acknowledged.
+        for _ in 0..200 {
+            if publisher.deliveries()["node-1"].acked_version == 300 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("ack of 300 not recorded: {:?}", publisher.deliveries());
+    }
 }

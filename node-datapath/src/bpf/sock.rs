@@ -1,0 +1,588 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Socket-level service load balancing: `bpf/bpf_sock.c` (cgroup
+//! connect4/sendmsg4/recvmsg4) and its maps (`bpf/lib/lb.h`).
+//!
+//! [`SockLb`] loads the object (adopting the maps pinned under
+//! `<pin_dir>/lb/v<SOCK_LB_LAYOUT_VERSION>/`), attaches its programs to a
+//! cgroup v2 with pinned links (`<pin_dir>/links/sock_<hook>_<cgroup inode>`),
+//! so the hooks stay when the agent exits, and programs services, backends
+//! and per-service tables. A table (Maglev slots, or the backend list for
+//! `random`) is a new inner array swapped into `mb_lb_tables` in one update.
+
+use std::{
+    fs,
+    io,
+    net::Ipv4Addr,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, HashOfMaps, MapData, MapError},
+    pin::PinError,
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, ProgramError,
+        links::{FdLink, LinkError, PinnedLink},
+    },
+};
+
+/// Bump with `SOCK_LB_LAYOUT_VERSION` in `bpf/lib/lb.h`.
+pub const SOCK_LB_LAYOUT_VERSION: u32 = 1;
+
+/// `BPF_F_INNER_MAP`: inner arrays of different sizes share one template.
+const BPF_F_INNER_MAP: u32 = 1 << 12;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const LB_ALG_RANDOM: u8 = 1;
+const LB_ALG_MAGLEV: u8 = 2;
+const LB_F_HASH_SADDR_ONLY: u8 = 0x1;
+
+/// The programs of `bpf_sock`, in attach order.
+const PROGRAMS: [&str; 3] = ["sock4_connect", "sock4_sendmsg", "sock4_recvmsg"];
+
+// === ABI mirrors of bpf/lib/lb.h ===
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct ServiceKey {
+    address: [u8; 4],
+    port: [u8; 2],
+    proto: u8,
+    pad: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct ServiceValue {
+    service_id: u32,
+    target_port: [u8; 2],
+    algorithm: u8,
+    flags: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct BackendValue {
+    address: [u8; 4],
+    port: [u8; 2],
+    pad: [u8; 2],
+}
+
+// SAFETY: plain `#[repr(C)]` structs of integers with explicit padding
+// fields (no implicit holes), valid for every bit pattern.
+#[allow(unsafe_code, reason = "aya's Pod is an unsafe marker trait")]
+mod pod {
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::ServiceValue {}
+    unsafe impl aya::Pod for super::BackendValue {}
+}
+
+// === Public types ===
+
+/// Transport protocol of a frontend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LbProtocol {
+    /// TCP.
+    Tcp,
+    /// UDP (connected: connect4; unconnected: sendmsg4/recvmsg4).
+    Udp,
+}
+
+impl LbProtocol {
+    fn ip_proto(self) -> u8 {
+        match self {
+            Self::Tcp => IPPROTO_TCP,
+            Self::Udp => IPPROTO_UDP,
+        }
+    }
+}
+
+/// How a service picks a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LbAlgorithm {
+    /// `bpf_get_prandom_u32() % n` over the backend list.
+    Random,
+    /// The flow hash indexes the service's Maglev table.
+    Maglev,
+}
+
+/// A service frontend: what a pod connects to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LbFrontend {
+    /// The ClusterIP.
+    pub address: Ipv4Addr,
+    /// The service port.
+    pub port: u16,
+    /// The protocol.
+    pub protocol: LbProtocol,
+}
+
+/// What a frontend leads to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LbService {
+    /// The table this frontend uses (shared by all frontends of a service).
+    pub service_id: u32,
+    /// How the backend is picked.
+    pub algorithm: LbAlgorithm,
+    /// The port on the backend when the backend entry has none (0: the frontend's port).
+    pub target_port: u16,
+    /// Maglev on the source address only (client stickiness).
+    pub hash_source_address_only: bool,
+}
+
+/// A backend as the datapath sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LbBackend {
+    /// Address.
+    pub address: Ipv4Addr,
+    /// Port (0: the service's target port).
+    pub port: u16,
+}
+
+/// Errors of the socket load balancer.
+#[derive(Debug, thiserror::Error)]
+pub enum SockLbError {
+    /// The pin directory could not be created.
+    #[error("create pin directory {}", path.display())]
+    PinDir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The object did not load.
+    #[error("load eBPF object `bpf_sock`")]
+    Load(#[source] Box<aya::EbpfError>),
+    /// A program is missing or did not load/attach.
+    #[error("program `{program}` of `bpf_sock`")]
+    Program {
+        /// The program.
+        program: &'static str,
+        /// The cause.
+        #[source]
+        source: Box<ProgramError>,
+    },
+    /// A map is missing or has an unexpected type.
+    #[error("map `{map}` of `bpf_sock`")]
+    Map {
+        /// The map.
+        map: &'static str,
+        /// The cause.
+        #[source]
+        source: Box<MapError>,
+    },
+    /// A cgroup could not be opened.
+    #[error("open cgroup {}", path.display())]
+    Cgroup {
+        /// The cgroup directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A link could not be pinned or replaced.
+    #[error("pin link {}", path.display())]
+    Pin {
+        /// The pin.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A table is larger than an inner array can be.
+    #[error("table of service {service_id} has {len} slots (too many)")]
+    TableTooLarge {
+        /// The service id.
+        service_id: u32,
+        /// The slots asked for.
+        len: usize,
+    },
+}
+
+fn map_err(map: &'static str) -> impl FnOnce(MapError) -> SockLbError {
+    move |e| SockLbError::Map {
+        map,
+        source: Box::new(e),
+    }
+}
+
+// === impl SockLb ===
+
+/// The loaded `bpf_sock` object and its maps.
+pub struct SockLb {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: HashMap<MapData, u32, BackendValue>,
+    tables: HashOfMaps<MapData, u32, Array<MapData, u32>>,
+}
+
+impl std::fmt::Debug for SockLb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SockLb")
+            .field("pin_dir", &self.pin_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SockLb {
+    /// Loads `bpf_sock`, adopting maps pinned under
+    /// `<pin_dir>/lb/v<SOCK_LB_LAYOUT_VERSION>/` (created if missing).
+    pub fn load(pin_dir: &Path) -> Result<Self, SockLbError> {
+        let map_dir = Self::map_dir_of(pin_dir);
+        for dir in [&map_dir, &pin_dir.join("links")] {
+            fs::create_dir_all(dir).map_err(|source| SockLbError::PinDir {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&map_dir)
+            .load(super::objects::SOCK)
+            .map_err(|e| SockLbError::Load(Box::new(e)))?;
+        for program in PROGRAMS {
+            program_mut(&mut ebpf, program)?
+                .load()
+                .map_err(|e| SockLbError::Program {
+                    program,
+                    source: Box::new(e),
+                })?;
+        }
+        let services = take_map(&mut ebpf, "mb_lb_services", HashMap::try_from)?;
+        let backends = take_map(&mut ebpf, "mb_lb_backends", HashMap::try_from)?;
+        let tables = take_map(&mut ebpf, "mb_lb_tables", HashOfMaps::try_from)?;
+        Ok(Self {
+            ebpf,
+            pin_dir: pin_dir.to_owned(),
+            services,
+            backends,
+            tables,
+        })
+    }
+
+    /// Where the maps are pinned.
+    pub fn map_dir(&self) -> PathBuf {
+        Self::map_dir_of(&self.pin_dir)
+    }
+
+    fn map_dir_of(pin_dir: &Path) -> PathBuf {
+        pin_dir.join("lb").join(format!("v{SOCK_LB_LAYOUT_VERSION}"))
+    }
+
+    fn link_pin(&self, program: &str, cgroup_ino: u64) -> PathBuf {
+        self.pin_dir
+            .join("links")
+            .join(format!("sock_{program}_{cgroup_ino}"))
+    }
+
+    /// Attaches the three hooks to the cgroup v2 directory `cgroup`, with
+    /// pinned links. A link pinned by an earlier agent is replaced without a
+    /// gap: the new link is attached next to it (bpf links on a cgroup are
+    /// always multi; `Single` only means no attach flags) before the
+    /// old one is unpinned; while both run, the first rewrites and the
+    /// second sees a backend address, which is no service, and leaves it.
+    pub fn attach(&mut self, cgroup: &Path) -> Result<(), SockLbError> {
+        let cgroup_err = |source| SockLbError::Cgroup {
+            path: cgroup.to_owned(),
+            source,
+        };
+        let file = fs::File::open(cgroup).map_err(cgroup_err)?;
+        let ino = file.metadata().map_err(cgroup_err)?.ino();
+        for program in PROGRAMS {
+            let pin = self.link_pin(program, ino);
+            let prog = program_mut(&mut self.ebpf, program)?;
+            let prog_err = |e| SockLbError::Program {
+                program,
+                source: Box::new(e),
+            };
+            let id = prog
+                .attach(&file, CgroupAttachMode::Single)
+                .map_err(prog_err)?;
+            let link = FdLink::try_from(prog.take_link(id).map_err(prog_err)?).map_err(|e| {
+                SockLbError::Pin {
+                    path: pin.clone(),
+                    source: Box::new(e),
+                }
+            })?;
+            let fresh = pin.with_file_name(format!(
+                "{}_new",
+                pin.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+            ));
+            let _ = fs::remove_file(&fresh);
+            link.pin(&fresh).map_err(|e: PinError| SockLbError::Pin {
+                path: fresh.clone(),
+                source: Box::new(e),
+            })?;
+            // The old link (if any) detaches when its pin goes away.
+            unpin(&pin)?;
+            fs::rename(&fresh, &pin).map_err(|e| SockLbError::Pin {
+                path: pin.clone(),
+                source: Box::new(e),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Detaches the hooks from `cgroup` (removes their link pins). Returns
+    /// whether anything was attached.
+    pub fn detach(&mut self, cgroup: &Path) -> Result<bool, SockLbError> {
+        let ino = fs::metadata(cgroup)
+            .map_err(|source| SockLbError::Cgroup {
+                path: cgroup.to_owned(),
+                source,
+            })?
+            .ino();
+        let mut any = false;
+        for program in PROGRAMS {
+            any |= unpin(&self.link_pin(program, ino))?;
+        }
+        Ok(any)
+    }
+
+    /// Programs `frontend` → `service`.
+    pub fn upsert_service(
+        &mut self,
+        frontend: LbFrontend,
+        service: LbService,
+    ) -> Result<(), SockLbError> {
+        let value = ServiceValue {
+            service_id: service.service_id,
+            target_port: service.target_port.to_be_bytes(),
+            algorithm: match service.algorithm {
+                LbAlgorithm::Random => LB_ALG_RANDOM,
+                LbAlgorithm::Maglev => LB_ALG_MAGLEV,
+            },
+            flags: if service.hash_source_address_only {
+                LB_F_HASH_SADDR_ONLY
+            } else {
+                0
+            },
+        };
+        self.services
+            .insert(service_key(frontend), value, 0)
+            .map_err(map_err("mb_lb_services"))
+    }
+
+    /// Removes `frontend`. Returns whether it was programmed.
+    pub fn remove_service(&mut self, frontend: LbFrontend) -> Result<bool, SockLbError> {
+        absent_is_false(self.services.remove(&service_key(frontend)), "mb_lb_services")
+    }
+
+    /// The programmed frontends.
+    pub fn services(&self) -> Result<Vec<(LbFrontend, LbService)>, SockLbError> {
+        let mut out = Vec::new();
+        for entry in self.services.iter() {
+            let (k, v) = entry.map_err(map_err("mb_lb_services"))?;
+            let protocol = if k.proto == IPPROTO_UDP {
+                LbProtocol::Udp
+            } else {
+                LbProtocol::Tcp
+            };
+            out.push((
+                LbFrontend {
+                    address: Ipv4Addr::from(k.address),
+                    port: u16::from_be_bytes(k.port),
+                    protocol,
+                },
+                LbService {
+                    service_id: v.service_id,
+                    algorithm: if v.algorithm == LB_ALG_MAGLEV {
+                        LbAlgorithm::Maglev
+                    } else {
+                        LbAlgorithm::Random
+                    },
+                    target_port: u16::from_be_bytes(v.target_port),
+                    hash_source_address_only: v.flags & LB_F_HASH_SADDR_ONLY != 0,
+                },
+            ));
+        }
+        out.sort_by_key(|(f, _)| *f);
+        Ok(out)
+    }
+
+    /// Programs backend `id`.
+    pub fn upsert_backend(&mut self, id: u32, backend: LbBackend) -> Result<(), SockLbError> {
+        let value = BackendValue {
+            address: backend.address.octets(),
+            port: backend.port.to_be_bytes(),
+            pad: [0; 2],
+        };
+        self.backends
+            .insert(id, value, 0)
+            .map_err(map_err("mb_lb_backends"))
+    }
+
+    /// Removes backend `id`. Returns whether it was programmed.
+    pub fn remove_backend(&mut self, id: u32) -> Result<bool, SockLbError> {
+        absent_is_false(self.backends.remove(&id), "mb_lb_backends")
+    }
+
+    /// The programmed backends, by id.
+    pub fn backends(&self) -> Result<Vec<(u32, LbBackend)>, SockLbError> {
+        let mut out = Vec::new();
+        for entry in self.backends.iter() {
+            let (id, v) = entry.map_err(map_err("mb_lb_backends"))?;
+            out.push((
+                id,
+                LbBackend {
+                    address: Ipv4Addr::from(v.address),
+                    port: u16::from_be_bytes(v.port),
+                },
+            ));
+        }
+        out.sort_by_key(|(id, _)| *id);
+        Ok(out)
+    }
+
+    /// Swaps in a new table for `service_id`: its Maglev slots (backend id
+    /// per slot), or for `random` the backend ids. Empty: the service
+    /// rejects connections. Readers see the old or the new table, whole.
+    pub fn set_table(&mut self, service_id: u32, backend_ids: &[u32]) -> Result<(), SockLbError> {
+        let len = u32::try_from(backend_ids.len())
+            .ok()
+            .filter(|n| *n < u32::MAX)
+            .ok_or(SockLbError::TableTooLarge {
+                service_id,
+                len: backend_ids.len(),
+            })?;
+        let mut inner = Array::<MapData, u32>::create(len + 1, BPF_F_INNER_MAP)
+            .map_err(map_err("mb_lb_tables (inner)"))?;
+        let inner_err = map_err("mb_lb_tables (inner)");
+        let mut fill = || -> Result<(), MapError> {
+            for (i, id) in backend_ids.iter().enumerate() {
+                inner.set(i as u32 + 1, id, 0)?;
+            }
+            // The count last: a half-filled array is never referenced anyway.
+            inner.set(0, len, 0)
+        };
+        fill().map_err(inner_err)?;
+        self.tables
+            .insert(service_id, &inner, 0)
+            .map_err(map_err("mb_lb_tables"))
+    }
+
+    /// The table programmed for `service_id` (backend id per slot).
+    pub fn table(&self, service_id: u32) -> Result<Option<Vec<u32>>, SockLbError> {
+        let inner = match self.tables.get(&service_id, 0) {
+            Ok(inner) => inner,
+            Err(MapError::KeyNotFound) => return Ok(None),
+            Err(e) => return Err(map_err("mb_lb_tables")(e)),
+        };
+        let n = inner.get(&0, 0).map_err(map_err("mb_lb_tables (inner)"))?;
+        (1..=n)
+            .map(|i| inner.get(&i, 0).map_err(map_err("mb_lb_tables (inner)")))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    }
+
+    /// Removes the table of `service_id`. Returns whether there was one.
+    pub fn remove_table(&mut self, service_id: u32) -> Result<bool, SockLbError> {
+        absent_is_false(self.tables.remove(&service_id), "mb_lb_tables")
+    }
+}
+
+fn service_key(f: LbFrontend) -> ServiceKey {
+    ServiceKey {
+        address: f.address.octets(),
+        port: f.port.to_be_bytes(),
+        proto: f.protocol.ip_proto(),
+        pad: 0,
+    }
+}
+
+fn absent_is_false(r: Result<(), MapError>, map: &'static str) -> Result<bool, SockLbError> {
+    match r {
+        Ok(()) => Ok(true),
+        Err(MapError::KeyNotFound) => Ok(false),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(false)
+        }
+        Err(e) => Err(map_err(map)(e)),
+    }
+}
+
+/// Removes a link pin (detaching the link unless something else holds it).
+fn unpin(pin: &Path) -> Result<bool, SockLbError> {
+    match PinnedLink::from_pin(pin) {
+        Ok(link) => link.unpin().map(|_| true).map_err(|e| SockLbError::Pin {
+            path: pin.to_owned(),
+            source: Box::new(e),
+        }),
+        Err(LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {
+            Ok(false)
+        }
+        Err(e) => Err(SockLbError::Pin {
+            path: pin.to_owned(),
+            source: Box::new(e),
+        }),
+    }
+}
+
+fn program_mut<'a>(
+    ebpf: &'a mut Ebpf,
+    program: &'static str,
+) -> Result<&'a mut CgroupSockAddr, SockLbError> {
+    let err = |e| SockLbError::Program {
+        program,
+        source: Box::new(e),
+    };
+    ebpf.program_mut(program)
+        .ok_or(ProgramError::NotLoaded)
+        .map_err(err)?
+        .try_into()
+        .map_err(err)
+}
+
+fn take_map<T>(
+    ebpf: &mut Ebpf,
+    map: &'static str,
+    convert: impl FnOnce(aya::maps::Map) -> Result<T, MapError>,
+) -> Result<T, SockLbError> {
+    let raw = ebpf.take_map(map).ok_or(SockLbError::Map {
+        map,
+        source: Box::new(MapError::InvalidName { name: map.into() }),
+    })?;
+    convert(raw).map_err(map_err(map))
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sizes `bpf/lib/lb.h` declares (SOCK_LB_*_SIZE), read from the header.
+    fn c_define(name: &str) -> usize {
+        let h = include_str!("../../bpf/lib/lb.h");
+        h.lines()
+            .find_map(|l| {
+                let rest = l.strip_prefix("#define ")?.strip_prefix(name)?;
+                rest.trim().parse().ok()
+            })
+            .unwrap_or_else(|| panic!("{name} not in lb.h"))
+    }
+
+    #[test]
+    fn rust_mirrors_have_the_sizes_lb_h_declares() {
+        assert_eq!(size_of::<ServiceKey>(), c_define("SOCK_LB_SERVICE_KEY_SIZE"));
+        assert_eq!(size_of::<ServiceValue>(), c_define("SOCK_LB_SERVICE_SIZE"));
+        assert_eq!(size_of::<BackendValue>(), c_define("SOCK_LB_BACKEND_SIZE"));
+        assert_eq!(
+            SOCK_LB_LAYOUT_VERSION as usize,
+            c_define("SOCK_LB_LAYOUT_VERSION")
+        );
+    }
+
+    #[test]
+    fn service_keys_carry_address_and_port_in_network_order() {
+        let k = service_key(LbFrontend {
+            address: Ipv4Addr::new(10, 96, 0, 10),
+            port: 80,
+            protocol: LbProtocol::Tcp,
+        });
+        assert_eq!(k.address, [10, 96, 0, 10]);
+        assert_eq!(k.port, [0, 80]);
+        assert_eq!(k.proto, 6);
+    }
+}
