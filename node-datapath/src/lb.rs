@@ -82,9 +82,8 @@ impl<M: LbMaps> LbSink<M> {
             if !key.starts_with("service/") {
                 break;
             }
-            let svc: proto::ServiceState = any
-                .to_msg()
-                .map_err(|e| format!("decode `{key}`: {e}"))?;
+            let svc: proto::ServiceState =
+                any.to_msg().map_err(|e| format!("decode `{key}`: {e}"))?;
             let id = match self.ids.get(key) {
                 Some(id) => *id,
                 None => {
@@ -168,7 +167,13 @@ fn want(key: &str, id: u32, svc: &proto::ServiceState) -> Result<Wanted, String>
             .parse()
             .map_err(|_| format!("`{key}`: backend address `{}`", b.address))?;
         backends.push((b.id, LbBackend { address, port: 0 }));
-        weighted.push((b.id, Weighted { address, weight: b.weight }));
+        weighted.push((
+            b.id,
+            Weighted {
+                address,
+                weight: b.weight,
+            },
+        ));
     }
     let table = match algorithm {
         LbAlgorithm::Random => weighted
@@ -181,8 +186,11 @@ fn want(key: &str, id: u32, svc: &proto::ServiceState) -> Result<Wanted, String>
             let m = if params.table_size == 0 {
                 TableSize::default()
             } else {
-                TableSize::new(&format!("{key}: maglev.table_size"), params.table_size.into())
-                    .map_err(|e| e.to_string())?
+                TableSize::new(
+                    &format!("{key}: maglev.table_size"),
+                    params.table_size.into(),
+                )
+                .map_err(|e| e.to_string())?
             };
             let seed = Seed::from_base64(&format!("{key}: maglev.seed"), &params.seed)
                 .map_err(|e| e.to_string())?;
@@ -292,7 +300,11 @@ mod tests {
 
     impl LbMaps for FakeMaps {
         fn frontends(&mut self) -> Result<Vec<(LbFrontend, u32)>, String> {
-            Ok(self.services.iter().map(|(f, s)| (*f, s.service_id)).collect())
+            Ok(self
+                .services
+                .iter()
+                .map(|(f, s)| (*f, s.service_id))
+                .collect())
         }
         fn backend_ids(&mut self) -> Result<Vec<u32>, String> {
             Ok(self.backends.keys().copied().collect())
@@ -352,7 +364,10 @@ mod tests {
                 seed: Seed::from_bytes(*b"membrane-lb!").to_base64(),
             }),
         };
-        ("service/default/web".into(), Any::from_msg(&msg).expect("encode"))
+        (
+            "service/default/web".into(),
+            Any::from_msg(&msg).expect("encode"),
+        )
     }
 
     #[test]
@@ -362,7 +377,10 @@ mod tests {
         sink.reconcile(&state).expect("reconcile");
         let maps = sink.maps();
         let (f, s) = maps.services.iter().next().expect("frontend");
-        assert_eq!((f.address, f.port, s.target_port), (Ipv4Addr::new(10, 96, 0, 10), 80, 8080));
+        assert_eq!(
+            (f.address, f.port, s.target_port),
+            (Ipv4Addr::new(10, 96, 0, 10), 80, 8080)
+        );
         let table = &maps.tables[&s.service_id];
         assert_eq!(table.len(), 251);
         assert!(table.contains(&1) && table.contains(&2));
@@ -372,8 +390,11 @@ mod tests {
     #[test]
     fn a_removed_backend_leaves_the_table_and_the_backend_map_and_a_removed_service_everything() {
         let mut sink = LbSink::new(FakeMaps::default());
-        sink.reconcile(&BTreeMap::from([service(&[(1, "10.244.1.5"), (2, "10.244.2.7")])]))
-            .expect("reconcile");
+        sink.reconcile(&BTreeMap::from([service(&[
+            (1, "10.244.1.5"),
+            (2, "10.244.2.7"),
+        ])]))
+        .expect("reconcile");
         sink.reconcile(&BTreeMap::from([service(&[(1, "10.244.1.5")])]))
             .expect("reconcile");
         let maps = sink.maps();

@@ -24,8 +24,8 @@ use membrane_node_datapath::bpf::{
     LbAlgorithm, LbBackend, LbFrontend, LbProtocol, LbService, SockLb,
 };
 use nix::sys::socket::{
-    AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, getpeername, setsockopt,
-    socket, sockopt,
+    AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, getpeername, setsockopt, socket,
+    sockopt,
 };
 
 const UNIFIED: &str = "/sys/fs/cgroup/unified";
@@ -71,12 +71,18 @@ impl TestCgroup {
     }
 
     fn enter_child(&self) {
-        fs::write(self.child.join("cgroup.procs"), std::process::id().to_string())
-            .expect("move into the child cgroup");
+        fs::write(
+            self.child.join("cgroup.procs"),
+            std::process::id().to_string(),
+        )
+        .expect("move into the child cgroup");
     }
 
     fn leave(&self) {
-        let _ = fs::write(self.home.join("cgroup.procs"), std::process::id().to_string());
+        let _ = fs::write(
+            self.home.join("cgroup.procs"),
+            std::process::id().to_string(),
+        );
     }
 }
 
@@ -126,7 +132,8 @@ fn tcp_backend(port: u16) -> u8 {
         Duration::from_secs(2),
     )
     .expect("connect to the ClusterIP");
-    s.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+    s.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
     let mut b = [0u8; 1];
     s.read_exact(&mut b).expect("backend answers");
     b[0]
@@ -186,8 +193,26 @@ fn socket_lb_spreads_connects_over_backends_drops_removed_ones_and_refuses_empty
     let Some(cg) = TestCgroup::new() else { return };
     let pins = PinDir::new();
     let ns = Netns::new("socklb");
-    run(&["ip", "-n", &ns.name, "addr", "add", "10.244.99.1/32", "dev", "lo"]);
-    run(&["ip", "-n", &ns.name, "addr", "add", "10.244.99.2/32", "dev", "lo"]);
+    run(&[
+        "ip",
+        "-n",
+        &ns.name,
+        "addr",
+        "add",
+        "10.244.99.1/32",
+        "dev",
+        "lo",
+    ]);
+    run(&[
+        "ip",
+        "-n",
+        &ns.name,
+        "addr",
+        "add",
+        "10.244.99.2/32",
+        "dev",
+        "lo",
+    ]);
 
     let tcp = LbFrontend {
         address: CLUSTER_IP,
@@ -211,8 +236,14 @@ fn socket_lb_spreads_connects_over_backends_drops_removed_ones_and_refuses_empty
     {
         let mut lb = SockLb::load(pins.path()).expect("load bpf_sock");
         for (id, a) in [(1, B1), (2, B2)] {
-            lb.upsert_backend(id, LbBackend { address: a, port: 0 })
-                .expect("backend");
+            lb.upsert_backend(
+                id,
+                LbBackend {
+                    address: a,
+                    port: 0,
+                },
+            )
+            .expect("backend");
         }
         lb.upsert_service(tcp, maglev_svc).expect("tcp service");
         lb.upsert_service(
@@ -226,11 +257,15 @@ fn socket_lb_spreads_connects_over_backends_drops_removed_ones_and_refuses_empty
         lb.set_table(SERVICE_ID, &maglev_table(&[(1, B1), (2, B2)]))
             .expect("table");
         lb.attach(&cg.parent).expect("attach to the node cgroup");
-        lb.attach(&cg.parent).expect("attach again (replaces the pinned links)");
+        lb.attach(&cg.parent)
+            .expect("attach again (replaces the pinned links)");
     }
     let mut lb = SockLb::load(pins.path()).expect("reload bpf_sock");
     assert_eq!(lb.services().expect("services").len(), 2, "maps adopted");
-    assert_eq!(lb.table(SERVICE_ID).expect("table").map(|t| t.len()), Some(251));
+    assert_eq!(
+        lb.table(SERVICE_ID).expect("table").map(|t| t.len()),
+        Some(251)
+    );
 
     ns.run_in(|| {
         for a in [B1, B2] {
@@ -260,7 +295,10 @@ fn socket_lb_spreads_connects_over_backends_drops_removed_ones_and_refuses_empty
                 assert_eq!(udp_connect_backend(sport, 53), first, "sport {sport}");
                 by_port[usize::from(first == B2)] += 1;
             }
-            assert!(by_port[0] > 0 && by_port[1] > 0, "ports spread: {by_port:?}");
+            assert!(
+                by_port[0] > 0 && by_port[1] > 0,
+                "ports spread: {by_port:?}"
+            );
 
             // Unconnected UDP: sendmsg picks a backend, recvmsg shows the frontend.
             let client = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("client");
@@ -272,7 +310,11 @@ fn socket_lb_spreads_connects_over_backends_drops_removed_ones_and_refuses_empty
             let (n, from) = client.recv_from(&mut buf).expect("reply");
             assert_eq!(&buf[1..n], b"hi");
             assert!(buf[0] == 1 || buf[0] == 2);
-            assert_eq!(from, SocketAddr::from((CLUSTER_IP, 53)), "reverse translated");
+            assert_eq!(
+                from,
+                SocketAddr::from((CLUSTER_IP, 53)),
+                "reverse translated"
+            );
 
             // Random.
             lb.upsert_service(

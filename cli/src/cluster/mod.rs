@@ -388,6 +388,10 @@ async fn start(
             "MEMBRANE_METRICS_LISTEN".to_string(),
             format!("{}:{}", plan.gateway, spec.port + 2000),
         ));
+        if spec.name == "lb" {
+            // Nodes program services from the lb stream (socket-level load balancing).
+            env.push(("MEMBRANE_LB_PUBLISH".to_string(), "true".to_string()));
+        }
         if spec.name == "relay" {
             // The relay keeps the cluster's certificates from expiring.
             env.push((
@@ -463,6 +467,7 @@ async fn start(
                     format!("{}:9200", node.ip),
                 ),
                 ("MEMBRANE_ROUTING".to_string(), args.routing.clone()),
+                ("MEMBRANE_SERVICE_LB".to_string(), "true".to_string()),
                 (
                     "MEMBRANE_BPF_PIN_DIR".to_string(),
                     Path::new(BPF_ROOT).join(&node.netns).display().to_string(),

@@ -346,7 +346,10 @@ fn pod_cgroup(pod: &PodRecord) -> PathBuf {
 fn create_pod_cgroup(pod: &PodRecord) {
     let dir = pod_cgroup(pod);
     let hierarchy = cgroup_root();
-    if !hierarchy.parent().is_some_and(|m| m.join("cgroup.procs").exists()) {
+    if !hierarchy
+        .parent()
+        .is_some_and(|m| m.join("cgroup.procs").exists())
+    {
         eprintln!(
             "warning: no cgroup v2 hierarchy at {}: pod/{} runs without a cgroup",
             hierarchy.display(),

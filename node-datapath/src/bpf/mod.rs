@@ -42,11 +42,11 @@ pub use datapath::{AttachMode, Datapath, DatapathOptions, PolicyMode, TestRunOut
 pub use error::{AttachError, Error};
 pub use events::{AsyncEventReader, EventReader};
 pub use features::{Features, probe_features};
+pub use policy::{PolicyEntry, PolicyError, PortMatch, Verdict, identity};
 pub use sock::{
     LbAlgorithm, LbBackend, LbFrontend, LbProtocol, LbService, SOCK_LB_LAYOUT_VERSION, SockLb,
     SockLbError,
 };
-pub use policy::{PolicyEntry, PolicyError, PortMatch, Verdict, identity};
 pub use types::{
     Counter, CtDirection, CtEntry, DatapathEvent, Direction, DropReason, EndpointInfo, EventKind,
     Flow, InvalidMac, MacAddr, Metrics, ObservationPoint, TcVerdict,

@@ -10,8 +10,7 @@
 //! `random`) is a new inner array swapped into `mb_lb_tables` in one update.
 
 use std::{
-    fs,
-    io,
+    fs, io,
     net::Ipv4Addr,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
@@ -268,7 +267,9 @@ impl SockLb {
     }
 
     fn map_dir_of(pin_dir: &Path) -> PathBuf {
-        pin_dir.join("lb").join(format!("v{SOCK_LB_LAYOUT_VERSION}"))
+        pin_dir
+            .join("lb")
+            .join(format!("v{SOCK_LB_LAYOUT_VERSION}"))
     }
 
     fn link_pin(&self, program: &str, cgroup_ino: u64) -> PathBuf {
@@ -308,7 +309,9 @@ impl SockLb {
             })?;
             let fresh = pin.with_file_name(format!(
                 "{}_new",
-                pin.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+                pin.file_name()
+                    .map(|n| n.to_string_lossy())
+                    .unwrap_or_default()
             ));
             let _ = fs::remove_file(&fresh);
             link.pin(&fresh).map_err(|e: PinError| SockLbError::Pin {
@@ -367,7 +370,10 @@ impl SockLb {
 
     /// Removes `frontend`. Returns whether it was programmed.
     pub fn remove_service(&mut self, frontend: LbFrontend) -> Result<bool, SockLbError> {
-        absent_is_false(self.services.remove(&service_key(frontend)), "mb_lb_services")
+        absent_is_false(
+            self.services.remove(&service_key(frontend)),
+            "mb_lb_services",
+        )
     }
 
     /// The programmed frontends.
@@ -547,7 +553,6 @@ fn take_map<T>(
     convert(raw).map_err(map_err(map))
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -565,7 +570,10 @@ mod tests {
 
     #[test]
     fn rust_mirrors_have_the_sizes_lb_h_declares() {
-        assert_eq!(size_of::<ServiceKey>(), c_define("SOCK_LB_SERVICE_KEY_SIZE"));
+        assert_eq!(
+            size_of::<ServiceKey>(),
+            c_define("SOCK_LB_SERVICE_KEY_SIZE")
+        );
         assert_eq!(size_of::<ServiceValue>(), c_define("SOCK_LB_SERVICE_SIZE"));
         assert_eq!(size_of::<BackendValue>(), c_define("SOCK_LB_BACKEND_SIZE"));
         assert_eq!(
