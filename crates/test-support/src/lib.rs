@@ -128,3 +128,29 @@ impl Drop for Etcd {
         self.stop();
     }
 }
+
+/// Runs `f(0..n)` with at most `concurrency` in flight on the Tokio runtime
+/// and returns the wall time: the loop of every same-run benchmark.
+pub async fn run_concurrently<F, Fut>(n: usize, concurrency: usize, f: F) -> Duration
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        let Ok(permit) = sem.clone().acquire_owned().await else { break };
+        let fut = f(i);
+        tasks.push(tokio::spawn(async move {
+            fut.await;
+            drop(permit);
+        }));
+    }
+    for t in tasks {
+        if let Err(e) = t.await {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
+    start.elapsed()
+}

@@ -5,8 +5,7 @@
 //!
 //! `cargo run --release -p membrane-identity --example identity_bench -- [ALLOCS] [CONCURRENCY]`
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use membrane_identity::config::IdentityConfig;
 use membrane_identity::{grpc::IdentityService, store::IdentityStore};
@@ -14,30 +13,7 @@ use membrane_proto::identity::v1 as pb;
 use membrane_runtime::flags::EtcdFlags;
 use membrane_runtime::grpc;
 use membrane_runtime::store::Store;
-use membrane_test_support::Etcd;
-use tokio::sync::Semaphore;
-
-async fn run_concurrently<F, Fut>(n: usize, concurrency: usize, f: F) -> Duration
-where
-    F: Fn(usize) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let sem = Arc::new(Semaphore::new(concurrency));
-    let start = Instant::now();
-    let mut tasks = Vec::with_capacity(n);
-    for i in 0..n {
-        let permit = sem.clone().acquire_owned().await.expect("semaphore");
-        let fut = f(i);
-        tasks.push(tokio::spawn(async move {
-            fut.await;
-            drop(permit);
-        }));
-    }
-    for t in tasks {
-        t.await.expect("task");
-    }
-    start.elapsed()
-}
+use membrane_test_support::{Etcd, run_concurrently};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
