@@ -160,3 +160,65 @@ fn a_cluster_ip_balances_pods_on_both_nodes_over_its_backends_and_follows_them()
         std::thread::sleep(Duration::from_millis(300));
     }
 }
+
+/// From the `external` namespace (the world): one connection per client
+/// port to `ip:port`, each from that fixed source port; the backend that
+/// answered per client port (`!Error` where it failed).
+fn external_connects(ip: &str, port: u16, sports: std::ops::Range<u16>) -> BTreeMap<u16, String> {
+    let script = format!(
+        "import socket, json\nseen = {{}}\nfor sp in range({}, {}):\n    try:\n        s = socket.socket()\n        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n        s.settimeout(2)\n        s.bind(('0.0.0.0', sp))\n        s.connect(('{ip}', {port}))\n        seen[sp] = s.recv(64).decode().strip()\n        s.close()\n    except OSError as e:\n        seen[sp] = '!' + type(e).__name__\nprint(json.dumps(seen))",
+        sports.start, sports.end
+    );
+    let out = Command::new("nsenter")
+        .args(["--net=/run/netns/external", "python3", "-c", &script])
+        .output()
+        .expect("python3 in external");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m: BTreeMap<String, String> =
+        serde_json::from_slice(&out.stdout).expect("json from external");
+    m.into_iter()
+        .map(|(k, v)| (k.parse().expect("port"), v))
+        .collect()
+}
+
+#[test]
+fn a_node_port_reached_through_either_node_lands_on_the_same_backend_per_client_flow() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !has_root() {
+        return;
+    }
+    let cluster = Cluster::new();
+    assert!(cluster.has("membrane-lb"), "this test needs the lb service");
+    cluster.ok(&["up", "--nodes", "2", "--detach"]);
+    for (p, node) in [("w1", "node-1"), ("w2", "node-2"), ("w3", "node-1")] {
+        cluster.ok(&["pod", "run", p, "--node", node, "--labels", "app=web"]);
+    }
+    let _backends = Backends::start(&["w1", "w2", "w3"]);
+    let dir = tempfile::tempdir().expect("tmp");
+    let svc = dir.path().join("svc.yaml");
+    std::fs::write(&svc, "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  type: NodePort\n  selector: {app: web}\n  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080, protocol: TCP}]\n").expect("write");
+    cluster.ok(&["apply", "-f", svc.to_str().expect("path")]);
+
+    // Until programmed on both nodes: every client port answered through both.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let (via1, via2) = loop {
+        let via1 = external_connects("10.99.0.11", 30080, 42000..42100);
+        let via2 = external_connects("10.99.0.12", 30080, 42000..42100);
+        let ok = |m: &BTreeMap<u16, String>| m.values().all(|b| !b.starts_with('!'));
+        if ok(&via1) && ok(&via2) {
+            break (via1, via2);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "failures: via node-1 {via1:?}, via node-2 {via2:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(via1, via2, "node-1 and node-2 chose different backends");
+    let used: std::collections::BTreeSet<&String> = via1.values().collect();
+    assert_eq!(used.len(), 3, "all three backends used: {used:?}");
+}

@@ -174,6 +174,12 @@ fn six_pods_on_two_nodes_reach_each_other_and_the_world_over_tcp_and_udp() {
         "connectivity failures:\n{}",
         failures.join("\n")
     );
+    // The nodes themselves reach pods on either node (replies must not be masqueraded).
+    for node in ["node-1", "node-2"] {
+        for (dst, ip) in targets.iter().filter(|(d, _)| d != "external") {
+            round_trips(node, ip).unwrap_or_else(|e| panic!("{node} -> {dst} ({ip}): {e}"));
+        }
+    }
 
     // A second CNI ADD for a container that is already attached (what a
     // confused runtime might do) is refused with a spec-shaped error and

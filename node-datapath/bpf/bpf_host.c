@@ -16,6 +16,7 @@
 #include "lib/ingress.h"
 #include "lib/ipv4.h"
 #include "lib/metrics.h"
+#include "lib/nodeport.h"
 #include "lib/redirect.h"
 #include "lib/trace.h"
 
@@ -30,6 +31,38 @@ int from_netdev(struct __sk_buff *ctx)
 	/* Malformed packets are the stack's business here, not a drop of ours. */
 	if (parse_ipv4(ctx, &p) != PARSE_OK)
 		return pass_to_stack(ctx);
+
+	/*
+	 * Service frontends reached from outside (lib/nodeport.h): replies of
+	 * SNATed flows back to their clients, requests DNATed to a backend.
+	 * Empty maps (service LB off): nothing matches, nothing changes.
+	 */
+	if (feature_enabled(FEATURE_REDIRECT_NEIGH)) {
+		__u32 oif = 0;
+		int remote = 0;
+		int r = np_reverse(ctx, &p, &oif);
+
+		if (r < 0)
+			return drop_packet(ctx, OBS_HOST, DROP_REWRITE_FAILED, &p);
+		if (r > 0)
+			return bpf_redirect_neigh(oif, NULL, 0, 0);
+		r = np_forward(ctx, &p, &remote);
+		if (r == -2)
+			return drop_packet(ctx, OBS_HOST, DROP_REWRITE_FAILED, &p);
+		if (r == 0) {
+			if (remote)
+				return np_redirect_fib(ctx, &p);
+			const struct endpoint_info *bep = lookup_endpoint(p.tuple.daddr);
+
+			if (!bep)
+				return pass_to_stack(ctx);
+			ret = ingress_admit(ctx, &p, bep, NULL, OBS_HOST);
+			if (ret)
+				return ret;
+			return redirect_to_endpoint(ctx, bep, &p, OBS_HOST,
+						    FEATURE_REDIRECT_PEER | FEATURE_REDIRECT_NEIGH);
+		}
+	}
 
 	const struct endpoint_info *ep = lookup_endpoint(p.tuple.daddr);
 
@@ -47,6 +80,15 @@ int from_netdev(struct __sk_buff *ctx)
 	__u32 src_identity = resolve_identity(NULL, p.tuple.saddr);
 
 	if (src_identity == IDENTITY_WORLD || src_identity >= IDENTITY_LOCAL_CIDR_BASE)
+		return pass_to_stack(ctx);
+	if (feature_enabled(FEATURE_REDIRECT_NEIGH))
+		np_note_snated(ctx, &p, src_identity);
+	/*
+	 * The same holds for the nodes' own traffic (host, remote-node): the
+	 * pod's reply to a node address would otherwise meet the masquerading
+	 * rule in a conntrack that never saw the request.
+	 */
+	if (src_identity == IDENTITY_REMOTE_NODE || src_identity == IDENTITY_HOST)
 		return pass_to_stack(ctx);
 	/* From the underlay the source is never a local pod: its identity is the ipcache's. */
 	ret = ingress_admit(ctx, &p, ep, NULL, OBS_HOST);

@@ -24,6 +24,7 @@
 #include "lib/ingress.h"
 #include "lib/ipv4.h"
 #include "lib/metrics.h"
+#include "lib/nodeport.h"
 #include "lib/policy.h"
 #include "lib/redirect.h"
 #include "lib/trace.h"
@@ -92,6 +93,17 @@ int from_container(struct __sk_buff *ctx)
 	metric_inc(METRIC_CT_NEW + status, ctx->len);
 	if (status == CT_NEW)
 		emit_event(ctx, EVENT_TRACE_NEW_CONN, OBS_LXC, 0, &p, &meta);
+
+	/* A backend's reply to a NodePort/LB client: back to the frontend, out where it came in. */
+	if (feature_enabled(FEATURE_REDIRECT_NEIGH)) {
+		__u32 oif = 0;
+		int r = np_reverse(ctx, &p, &oif);
+
+		if (r < 0)
+			return drop_packet(ctx, OBS_LXC, DROP_REWRITE_FAILED, &p);
+		if (r > 0)
+			return bpf_redirect_neigh(oif, NULL, 0, 0);
+	}
 
 	if (!dst_ep)
 		return pass_to_stack(ctx);

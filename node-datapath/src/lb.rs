@@ -2,8 +2,12 @@
 //! `service/<ns>/<name>` → [`ServiceState`] → frontends, backends and one
 //! table per service in `bpf_sock`'s maps (see [`crate::bpf::SockLb`]).
 //!
-//! Only ClusterIP frontends are programmed here (pod → service, at
-//! connect/sendmsg time). For `maglev` the table is built on the node with
+//! ClusterIP frontends go to `bpf_sock`'s service map (pod → service, at
+//! connect/sendmsg time); NodePort (keyed with address 0.0.0.0: this node's
+//! underlay address), LoadBalancer and externalIPs frontends go to the
+//! external service map that `bpf_host` reads at tc (DNAT, reverse NAT, SNAT
+//! to the node for remote backends: `bpf/lib/nodeport.h`), together with the
+//! backends' ports (`mb_lb_be_ports`). Same tables and backends for both. For `maglev` the table is built on the node with
 //! `membrane_lb::maglev` from what the service published (backends, weights,
 //! seed, M): a pure function, so every node programs the same table. For
 //! `random` the table is the backends of weight > 0.
@@ -41,6 +45,36 @@ pub trait LbMaps: Send + 'static {
     fn upsert_service(&mut self, frontend: LbFrontend, service: LbService) -> Result<(), String>;
     /// Removes a frontend.
     fn remove_service(&mut self, frontend: LbFrontend) -> Result<(), String>;
+    /// Programmed external frontends (NodePort, LoadBalancer, externalIPs;
+    /// bpf_host at tc) and the service id each uses.
+    fn ext_frontends(&mut self) -> Result<Vec<(LbFrontend, u32)>, String> {
+        Ok(Vec::new())
+    }
+    /// Programs an external frontend (NodePort: address 0.0.0.0).
+    fn upsert_ext_service(
+        &mut self,
+        _frontend: LbFrontend,
+        _service: LbService,
+    ) -> Result<(), String> {
+        Ok(())
+    }
+    /// Removes an external frontend.
+    fn remove_ext_service(&mut self, _frontend: LbFrontend) -> Result<(), String> {
+        Ok(())
+    }
+    /// Marked backend ports (address, target port, protocol) of services
+    /// with external frontends.
+    fn backend_ports(&mut self) -> Result<Vec<LbFrontend>, String> {
+        Ok(Vec::new())
+    }
+    /// Marks a backend port.
+    fn upsert_backend_port(&mut self, _port: LbFrontend) -> Result<(), String> {
+        Ok(())
+    }
+    /// Unmarks a backend port.
+    fn remove_backend_port(&mut self, _port: LbFrontend) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Applies the lb stream to [`LbMaps`].
@@ -55,6 +89,8 @@ pub struct LbSink<M> {
 /// What one service wants programmed.
 struct Wanted {
     frontends: Vec<(LbFrontend, LbService)>,
+    /// NodePort (address 0.0.0.0), LoadBalancer and externalIPs frontends.
+    ext_frontends: Vec<(LbFrontend, LbService)>,
     backends: Vec<(u32, LbBackend)>,
     table: Vec<u32>,
 }
@@ -98,6 +134,7 @@ impl<M: LbMaps> LbSink<M> {
         self.ids.retain(|_, id| wanted.contains_key(id));
 
         let programmed = self.maps.frontends()?;
+        let programmed_ext = self.maps.ext_frontends()?;
         // Backends and tables first, then the frontends that use them.
         let backends: BTreeMap<u32, LbBackend> = wanted
             .values()
@@ -119,7 +156,42 @@ impl<M: LbMaps> LbSink<M> {
                 keep.insert(*f);
             }
         }
+        let mut keep_ext = BTreeSet::new();
+        for w in wanted.values() {
+            for (f, s) in &w.ext_frontends {
+                self.maps.upsert_ext_service(*f, *s)?;
+                keep_ext.insert(*f);
+            }
+        }
+        // Backend ports of services with external frontends (for requests
+        // another node SNATed to them: lib/nodeport.h).
+        let mut be_ports = BTreeSet::new();
+        for w in wanted.values() {
+            for (f, s) in &w.ext_frontends {
+                for (_, b) in &w.backends {
+                    be_ports.insert(LbFrontend {
+                        address: b.address,
+                        port: if b.port != 0 { b.port } else { s.target_port },
+                        protocol: f.protocol,
+                    });
+                }
+            }
+        }
+        for p in &be_ports {
+            self.maps.upsert_backend_port(*p)?;
+        }
+        for p in self.maps.backend_ports()? {
+            if !be_ports.contains(&p) {
+                self.maps.remove_backend_port(p)?;
+            }
+        }
         let mut stale_tables: BTreeSet<u32> = self.tables.keys().copied().collect();
+        for (f, id) in programmed_ext {
+            stale_tables.insert(id);
+            if !keep_ext.contains(&f) {
+                self.maps.remove_ext_service(f)?;
+            }
+        }
         for (f, id) in programmed {
             stale_tables.insert(id);
             if !keep.contains(&f) {
@@ -205,14 +277,25 @@ fn want(key: &str, id: u32, svc: &proto::ServiceState) -> Result<Wanted, String>
         }
     };
     let mut frontends = Vec::new();
+    let mut ext_frontends = Vec::new();
     for f in &svc.frontends {
-        if f.kind != proto::FrontendKind::ClusterIp as i32 {
-            continue;
-        }
-        let address: Ipv4Addr = f
-            .address
-            .parse()
-            .map_err(|_| format!("`{key}`: frontend address `{}`", f.address))?;
+        let external = match proto::FrontendKind::try_from(f.kind) {
+            Ok(proto::FrontendKind::ClusterIp) => false,
+            Ok(
+                proto::FrontendKind::NodePort
+                | proto::FrontendKind::LoadBalancer
+                | proto::FrontendKind::ExternalIp,
+            ) => true,
+            _ => continue,
+        };
+        let address: Ipv4Addr =
+            if f.kind == proto::FrontendKind::NodePort as i32 && f.address.is_empty() {
+                Ipv4Addr::UNSPECIFIED // every node: bpf_host matches its own address
+            } else {
+                f.address
+                    .parse()
+                    .map_err(|_| format!("`{key}`: frontend address `{}`", f.address))?
+            };
         let protocol = if f.protocol == proto::Protocol::Udp as i32 {
             LbProtocol::Udp
         } else {
@@ -221,7 +304,12 @@ fn want(key: &str, id: u32, svc: &proto::ServiceState) -> Result<Wanted, String>
         let port = u16::try_from(f.port).map_err(|_| format!("`{key}`: port {}", f.port))?;
         let target = u16::try_from(f.target_port)
             .map_err(|_| format!("`{key}`: target port {}", f.target_port))?;
-        frontends.push((
+        let list = if external {
+            &mut ext_frontends
+        } else {
+            &mut frontends
+        };
+        list.push((
             LbFrontend {
                 address,
                 port,
@@ -237,6 +325,7 @@ fn want(key: &str, id: u32, svc: &proto::ServiceState) -> Result<Wanted, String>
     }
     Ok(Wanted {
         frontends,
+        ext_frontends,
         backends,
         table,
     })
@@ -282,6 +371,37 @@ impl LbMaps for SockLb {
     }
     fn remove_service(&mut self, frontend: LbFrontend) -> Result<(), String> {
         SockLb::remove_service(self, frontend)
+            .map(drop)
+            .map_err(|e| format!("{e:#}"))
+    }
+    fn ext_frontends(&mut self) -> Result<Vec<(LbFrontend, u32)>, String> {
+        Ok(self
+            .ext_services()
+            .map_err(|e| format!("{e:#}"))?
+            .into_iter()
+            .map(|(f, s)| (f, s.service_id))
+            .collect())
+    }
+    fn upsert_ext_service(
+        &mut self,
+        frontend: LbFrontend,
+        service: LbService,
+    ) -> Result<(), String> {
+        SockLb::upsert_ext_service(self, frontend, service).map_err(|e| format!("{e:#}"))
+    }
+    fn remove_ext_service(&mut self, frontend: LbFrontend) -> Result<(), String> {
+        SockLb::remove_ext_service(self, frontend)
+            .map(drop)
+            .map_err(|e| format!("{e:#}"))
+    }
+    fn backend_ports(&mut self) -> Result<Vec<LbFrontend>, String> {
+        SockLb::backend_ports(self).map_err(|e| format!("{e:#}"))
+    }
+    fn upsert_backend_port(&mut self, port: LbFrontend) -> Result<(), String> {
+        SockLb::upsert_backend_port(self, port).map_err(|e| format!("{e:#}"))
+    }
+    fn remove_backend_port(&mut self, port: LbFrontend) -> Result<(), String> {
+        SockLb::remove_backend_port(self, port)
             .map(drop)
             .map_err(|e| format!("{e:#}"))
     }

@@ -140,7 +140,9 @@ where
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(n);
     for i in 0..n {
-        let Ok(permit) = sem.clone().acquire_owned().await else { break };
+        let Ok(permit) = sem.clone().acquire_owned().await else {
+            break;
+        };
         let fut = f(i);
         tasks.push(tokio::spawn(async move {
             fut.await;

@@ -85,7 +85,80 @@ struct lb_revnat {
 };
 #define SOCK_LB_REVNAT_SIZE 8
 
+/*
+ * Packet-level load balancing at tc (bpf_host / bpf_lxc, lib/nodeport.h):
+ *  - mb_lb_ext_services: frontends reached from outside the node (NodePort,
+ *    LoadBalancer, externalIPs), same key and value as mb_lb_services. A
+ *    NodePort is keyed with address 0 and matches only packets addressed to
+ *    this node's underlay address (mb_lb_node[0]).
+ *  - mb_lb_nat4: per flow, both directions (lb_nat_key.dir): the original
+ *    tuple -> its translation (LB_NAT_FWD), and the translated reply's tuple
+ *    -> the rewrite back to the frontend (LB_NAT_REV).
+ * Both are pinned beside the maps above (the Datapath loader points them there).
+ */
+#define LB_NAT_MAP_SIZE 65536
+#define LB_NAT_FWD 1
+#define LB_NAT_REV 2
+
+struct lb_nat_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 dir; /* LB_NAT_* */
+	__u8 pad[2];
+};
+#define LB_NAT_KEY_SIZE 16
+
+struct lb_nat {
+	__be32 saddr; /* rewrite to */
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u32 ifindex; /* the device the flow arrived on: replies leave there */
+};
+#define LB_NAT_SIZE 16
+
 #ifdef __BPF__ /* the maps and helpers: the datapath only */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct lb_service_key);
+	__type(value, struct lb_service);
+	__uint(max_entries, LB_SERVICES_MAP_SIZE);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mb_lb_ext_services SEC(".maps");
+
+/*
+ * (backend address, port, protocol) of services with external frontends:
+ * on the backend's node, a request SNATed by another node (source: that
+ * node's address) to such a backend gets a reverse entry that sends the
+ * reply straight back out of the underlay, past the node's masquerading.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct lb_service_key);
+	__type(value, __u32);
+	__uint(max_entries, LB_BACKENDS_MAP_SIZE);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mb_lb_be_ports SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __be32); /* [0]: this node's underlay address, 0 unknown */
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mb_lb_node SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct lb_nat_key);
+	__type(value, struct lb_nat);
+	__uint(max_entries, LB_NAT_MAP_SIZE);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mb_lb_nat4 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);

@@ -13,7 +13,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf,
+        Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf,
         lpm_trie::{Key, LpmTrie},
     },
     programs::{
@@ -186,10 +186,17 @@ impl Datapath {
                 source,
             })?;
         }
+        // The service LB maps bpf_host/bpf_lxc share with bpf_sock (NodePort,
+        // LoadBalancer, externalIPs: lib/nodeport.h) live in bpf_sock's directory.
+        let lb_dir = super::sock::lb_map_dir(pin_dir);
+        fs::create_dir_all(&lb_dir).map_err(|source| Error::PinDir {
+            path: lb_dir.clone(),
+            source,
+        })?;
         let features = opts.feature_bits();
         let policy_enabled = u32::from(policy == PolicyMode::Enforced);
-        let mut lxc = load_object(&LXC, &map_dir, features, policy_enabled)?;
-        let host = load_object(&HOST, &map_dir, features, policy_enabled)?;
+        let mut lxc = load_object(&LXC, &map_dir, &lb_dir, features, policy_enabled)?;
+        let host = load_object(&HOST, &map_dir, &lb_dir, features, policy_enabled)?;
 
         // Both objects share the pinned maps: open them once, from bpf_lxc.
         let endpoints = typed_map(&mut lxc, MAP_ENDPOINTS, HashMap::try_from)?;
@@ -225,6 +232,26 @@ impl Datapath {
         self.attach(Hook::Lxc, ifindex)
     }
 
+    /// Tells bpf_host this node's underlay address: NodePort frontends
+    /// (keyed with address 0) match packets addressed to it, and it is the
+    /// SNAT address towards backends on other nodes. [`Datapath::attach`]
+    /// of [`Hook::Host`] sets it from the device's first IPv4 address.
+    pub fn set_node_address(&mut self, ip: Ipv4Addr) -> Result<(), Error> {
+        let map = self.host.map_mut("mb_lb_node").ok_or(Error::MissingMap {
+            object: HOST.name,
+            map: "mb_lb_node",
+        })?;
+        let mut array: Array<&mut MapData, [u8; 4]> =
+            Array::try_from(map).map_err(|e| Error::OpenMap {
+                map: "mb_lb_node",
+                source: Box::new(e),
+            })?;
+        array.set(0, ip.octets(), 0).map_err(|e| Error::OpenMap {
+            map: "mb_lb_node",
+            source: Box::new(e),
+        })
+    }
+
     /// Attaches `bpf_host` to tcx ingress of the node's underlay device.
     pub fn attach_host(&mut self, ifindex: u32) -> Result<AttachMode, Error> {
         self.attach(Hook::Host, ifindex)
@@ -241,6 +268,14 @@ impl Datapath {
     /// namespace) and pins the link. If a previous agent pinned a link
     /// there, this program replaces the old one atomically.
     pub fn attach(&mut self, hook: Hook, ifindex: u32) -> Result<AttachMode, Error> {
+        if hook == Hook::Host
+            && let Some(ip) = device_ipv4(ifindex)
+        {
+            // Best effort: without it NodePort frontends just never match.
+            if let Err(e) = self.set_node_address(ip) {
+                tracing::warn!(error = %e, "cannot record the node address for NodePort");
+            }
+        }
         let pin = self.link_pin_path(hook, ifindex);
         let prog = program_mut(self.object_mut(hook), hook).map_err(|source| Error::Attach {
             hook,
@@ -699,6 +734,17 @@ fn link_pin_name(hook: Hook, ifindex: u32) -> String {
     }
 }
 
+/// The first IPv4 address of the interface `ifindex` (calling thread's namespace).
+fn device_ipv4(ifindex: u32) -> Option<Ipv4Addr> {
+    let name = nix::net::if_::if_indextoname(ifindex).ok()?;
+    let name = name.to_str().ok()?.to_owned();
+    nix::ifaddrs::getifaddrs().ok()?.find_map(|ifa| {
+        (ifa.interface_name == name)
+            .then(|| ifa.address.and_then(|a| a.as_sockaddr_in().map(|s| s.ip())))
+            .flatten()
+    })
+}
+
 fn parse_link_pin_name(name: &str) -> Option<(Hook, u32)> {
     let (hook, ifindex) = if let Some((hook, ifindex)) = name.split_once("_ingress_") {
         let hook = match hook {
@@ -717,13 +763,31 @@ fn parse_link_pin_name(name: &str) -> Option<(Hook, u32)> {
     Some((hook, ifindex.parse().ok()?))
 }
 
+/// Maps of `lib/lb.h` that the tc programs use: pinned in the service LB's
+/// directory, shared with `bpf_sock` (and so with [`super::SockLb`]).
+const LB_SHARED_MAPS: &[&str] = &[
+    "mb_lb_services",
+    "mb_lb_backends",
+    "mb_lb_tables",
+    "mb_lb_revnat",
+    "mb_lb_ext_services",
+    "mb_lb_node",
+    "mb_lb_nat4",
+    "mb_lb_be_ports",
+];
+
 fn load_object(
     object: &Object,
     map_dir: &Path,
+    lb_dir: &Path,
     features: u32,
     policy_enabled: u32,
 ) -> Result<Ebpf, Error> {
-    let mut ebpf = EbpfLoader::new()
+    let mut loader = EbpfLoader::new();
+    for name in LB_SHARED_MAPS {
+        loader.map_pin_path(name, lb_dir.join(name));
+    }
+    let mut ebpf = loader
         .default_map_pin_directory(map_dir)
         .override_global("CONFIG_FEATURES", &features, true)
         .override_global("CONFIG_POLICY_ENABLED", &policy_enabled, true)

@@ -214,6 +214,13 @@ pub struct SockLb {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
+    /// Frontends reached from outside the node (NodePort with address
+    /// 0.0.0.0 = this node's underlay address, LoadBalancer, externalIPs):
+    /// read by bpf_host at tc, never by the socket hooks.
+    ext_services: HashMap<MapData, ServiceKey, ServiceValue>,
+    /// (backend address, target port, protocol) of services with external
+    /// frontends (see `mb_lb_be_ports` in lib/lb.h).
+    be_ports: HashMap<MapData, ServiceKey, u32>,
     backends: HashMap<MapData, u32, BackendValue>,
     tables: HashOfMaps<MapData, u32, Array<MapData, u32>>,
 }
@@ -250,12 +257,16 @@ impl SockLb {
                 })?;
         }
         let services = take_map(&mut ebpf, "mb_lb_services", HashMap::try_from)?;
+        let ext_services = take_map(&mut ebpf, "mb_lb_ext_services", HashMap::try_from)?;
+        let be_ports = take_map(&mut ebpf, "mb_lb_be_ports", HashMap::try_from)?;
         let backends = take_map(&mut ebpf, "mb_lb_backends", HashMap::try_from)?;
         let tables = take_map(&mut ebpf, "mb_lb_tables", HashOfMaps::try_from)?;
         Ok(Self {
             ebpf,
             pin_dir: pin_dir.to_owned(),
             services,
+            ext_services,
+            be_ports,
             backends,
             tables,
         })
@@ -267,9 +278,7 @@ impl SockLb {
     }
 
     fn map_dir_of(pin_dir: &Path) -> PathBuf {
-        pin_dir
-            .join("lb")
-            .join(format!("v{SOCK_LB_LAYOUT_VERSION}"))
+        lb_map_dir(pin_dir)
     }
 
     fn link_pin(&self, program: &str, cgroup_ino: u64) -> PathBuf {
@@ -350,21 +359,8 @@ impl SockLb {
         frontend: LbFrontend,
         service: LbService,
     ) -> Result<(), SockLbError> {
-        let value = ServiceValue {
-            service_id: service.service_id,
-            target_port: service.target_port.to_be_bytes(),
-            algorithm: match service.algorithm {
-                LbAlgorithm::Random => LB_ALG_RANDOM,
-                LbAlgorithm::Maglev => LB_ALG_MAGLEV,
-            },
-            flags: if service.hash_source_address_only {
-                LB_F_HASH_SADDR_ONLY
-            } else {
-                0
-            },
-        };
         self.services
-            .insert(service_key(frontend), value, 0)
+            .insert(service_key(frontend), service_value(service), 0)
             .map_err(map_err("mb_lb_services"))
     }
 
@@ -378,34 +374,64 @@ impl SockLb {
 
     /// The programmed frontends.
     pub fn services(&self) -> Result<Vec<(LbFrontend, LbService)>, SockLbError> {
+        list_services(&self.services, "mb_lb_services")
+    }
+
+    /// Programs an external frontend (NodePort: address 0.0.0.0) → `service`
+    /// for bpf_host (packet-level DNAT at tc).
+    pub fn upsert_ext_service(
+        &mut self,
+        frontend: LbFrontend,
+        service: LbService,
+    ) -> Result<(), SockLbError> {
+        self.ext_services
+            .insert(service_key(frontend), service_value(service), 0)
+            .map_err(map_err("mb_lb_ext_services"))
+    }
+
+    /// Removes an external frontend. Returns whether it was programmed.
+    pub fn remove_ext_service(&mut self, frontend: LbFrontend) -> Result<bool, SockLbError> {
+        absent_is_false(
+            self.ext_services.remove(&service_key(frontend)),
+            "mb_lb_ext_services",
+        )
+    }
+
+    /// Marks a backend (address, target port, protocol) of a service with
+    /// external frontends.
+    pub fn upsert_backend_port(&mut self, port: LbFrontend) -> Result<(), SockLbError> {
+        self.be_ports
+            .insert(service_key(port), 1, 0)
+            .map_err(map_err("mb_lb_be_ports"))
+    }
+
+    /// Unmarks a backend port. Returns whether it was marked.
+    pub fn remove_backend_port(&mut self, port: LbFrontend) -> Result<bool, SockLbError> {
+        absent_is_false(self.be_ports.remove(&service_key(port)), "mb_lb_be_ports")
+    }
+
+    /// The marked backend ports.
+    pub fn backend_ports(&self) -> Result<Vec<LbFrontend>, SockLbError> {
         let mut out = Vec::new();
-        for entry in self.services.iter() {
-            let (k, v) = entry.map_err(map_err("mb_lb_services"))?;
-            let protocol = if k.proto == IPPROTO_UDP {
-                LbProtocol::Udp
-            } else {
-                LbProtocol::Tcp
-            };
-            out.push((
-                LbFrontend {
-                    address: Ipv4Addr::from(k.address),
-                    port: u16::from_be_bytes(k.port),
-                    protocol,
+        for k in self.be_ports.keys() {
+            let k = k.map_err(map_err("mb_lb_be_ports"))?;
+            out.push(LbFrontend {
+                address: Ipv4Addr::from(k.address),
+                port: u16::from_be_bytes(k.port),
+                protocol: if k.proto == IPPROTO_UDP {
+                    LbProtocol::Udp
+                } else {
+                    LbProtocol::Tcp
                 },
-                LbService {
-                    service_id: v.service_id,
-                    algorithm: if v.algorithm == LB_ALG_MAGLEV {
-                        LbAlgorithm::Maglev
-                    } else {
-                        LbAlgorithm::Random
-                    },
-                    target_port: u16::from_be_bytes(v.target_port),
-                    hash_source_address_only: v.flags & LB_F_HASH_SADDR_ONLY != 0,
-                },
-            ));
+            });
         }
-        out.sort_by_key(|(f, _)| *f);
+        out.sort();
         Ok(out)
+    }
+
+    /// The programmed external frontends.
+    pub fn ext_services(&self) -> Result<Vec<(LbFrontend, LbService)>, SockLbError> {
+        list_services(&self.ext_services, "mb_lb_ext_services")
     }
 
     /// Programs backend `id`.
@@ -489,6 +515,56 @@ impl SockLb {
     }
 }
 
+fn service_value(service: LbService) -> ServiceValue {
+    ServiceValue {
+        service_id: service.service_id,
+        target_port: service.target_port.to_be_bytes(),
+        algorithm: match service.algorithm {
+            LbAlgorithm::Random => LB_ALG_RANDOM,
+            LbAlgorithm::Maglev => LB_ALG_MAGLEV,
+        },
+        flags: if service.hash_source_address_only {
+            LB_F_HASH_SADDR_ONLY
+        } else {
+            0
+        },
+    }
+}
+
+fn list_services(
+    map: &HashMap<MapData, ServiceKey, ServiceValue>,
+    name: &'static str,
+) -> Result<Vec<(LbFrontend, LbService)>, SockLbError> {
+    let mut out = Vec::new();
+    for entry in map.iter() {
+        let (k, v) = entry.map_err(map_err(name))?;
+        let protocol = if k.proto == IPPROTO_UDP {
+            LbProtocol::Udp
+        } else {
+            LbProtocol::Tcp
+        };
+        out.push((
+            LbFrontend {
+                address: Ipv4Addr::from(k.address),
+                port: u16::from_be_bytes(k.port),
+                protocol,
+            },
+            LbService {
+                service_id: v.service_id,
+                algorithm: if v.algorithm == LB_ALG_MAGLEV {
+                    LbAlgorithm::Maglev
+                } else {
+                    LbAlgorithm::Random
+                },
+                target_port: u16::from_be_bytes(v.target_port),
+                hash_source_address_only: v.flags & LB_F_HASH_SADDR_ONLY != 0,
+            },
+        ));
+    }
+    out.sort_by_key(|(f, _)| *f);
+    Ok(out)
+}
+
 fn service_key(f: LbFrontend) -> ServiceKey {
     ServiceKey {
         address: f.address.octets(),
@@ -551,6 +627,14 @@ fn take_map<T>(
         source: Box::new(MapError::InvalidName { name: map.into() }),
     })?;
     convert(raw).map_err(map_err(map))
+}
+
+/// `<pin_dir>/lb/v<SOCK_LB_LAYOUT_VERSION>`: the service LB maps, shared by
+/// bpf_sock and the tc programs.
+pub(crate) fn lb_map_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir
+        .join("lb")
+        .join(format!("v{SOCK_LB_LAYOUT_VERSION}"))
 }
 
 #[cfg(test)]
