@@ -8,8 +8,8 @@
 //! they take [`SERIAL`] and never run concurrently.
 //!
 //! Components: every `membrane-*` binary next to the `membrane` under test
-//! that answers `--help` is linked into a private `--bin-dir`; a placeholder
-//! (a `fn main() {}` stub printing nothing) is left out, so `up` is expected
+//! that answers `--help` is linked into a private `--bin-dir`; a binary
+//! that prints nothing for it (an empty `fn main`) is left out, so `up` is expected
 //! to health-check exactly the components that really exist.
 
 mod support;

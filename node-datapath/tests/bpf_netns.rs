@@ -23,23 +23,13 @@ use std::{
 
 use bpf_support::*;
 use membrane_node_datapath::bpf::{
-    AttachMode, Datapath, DatapathOptions, Direction, DropReason, EndpointInfo, Hook, MacAddr,
-    PolicyEntry, PortMatch, Verdict, identity, probe_features,
+    AttachMode, Datapath, DatapathOptions, Direction, DropReason, EndpointInfo, Hook, PolicyEntry,
+    PortMatch, Verdict, identity, probe_features,
 };
 
-const GATEWAY: &str = "169.254.1.1";
 /// A flood runs at ~150k pings/s here and a reload takes ~0.3 s: this
 /// count leaves room for several reloads mid-flood.
 const FLOOD_COUNT: &str = "400000";
-
-struct Pod {
-    ns: Netns,
-    ip: Ipv4Addr,
-    mac: MacAddr,
-    lxc: String,
-    lxc_mac: MacAddr,
-    lxc_ifindex: u32,
-}
 
 /// A node namespace with two pods. Dropping it deletes every namespace
 /// (and with them the veths); the pin dir goes with its own guard.
@@ -57,7 +47,7 @@ impl Topology {
             ("b", Ipv4Addr::new(10, 200, 1, 11), 0x0b),
         ]
         .into_iter()
-        .map(|(name, ip, n)| add_pod(&node, name, ip, n))
+        .map(|(name, ip, n)| add_pod(&node, "", name, ip, n))
         .collect();
         Self { pods, node }
     }
@@ -103,45 +93,6 @@ impl Topology {
         )
         .output()
         .expect("spawn ping")
-    }
-}
-
-fn add_pod(node: &Netns, name: &str, ip: Ipv4Addr, n: u8) -> Pod {
-    let ns = Netns::new(&format!("pod{name}"));
-    let lxc = format!("lxc{name}");
-    let lxc_mac = MacAddr([0x02, 0, 0, 0, n, 0x01]);
-    let mac = MacAddr([0x02, 0, 0, 0, n, 0x02]);
-    let (lxc_mac_s, mac_s, ip_s) = (lxc_mac.to_string(), mac.to_string(), format!("{ip}/32"));
-    let node_ip = |args: &[&str]| run(&[&["ip", "-n", &node.name], args].concat());
-    let pod_ip = |args: &[&str]| run(&[&["ip", "-n", &ns.name], args].concat());
-    node_ip(&[
-        "link", "add", &lxc, "address", &lxc_mac_s, "type", "veth", "peer", "name", "eth0",
-        "address", &mac_s, "netns", &ns.name,
-    ]);
-    node_ip(&["link", "set", &lxc, "up"]);
-    pod_ip(&["link", "set", "eth0", "up"]);
-    pod_ip(&["addr", "add", &ip_s, "dev", "eth0"]);
-    pod_ip(&["route", "add", GATEWAY, "dev", "eth0", "scope", "link"]);
-    pod_ip(&["route", "add", "default", "via", GATEWAY, "dev", "eth0"]);
-    pod_ip(&[
-        "neigh",
-        "add",
-        GATEWAY,
-        "lladdr",
-        &lxc_mac_s,
-        "dev",
-        "eth0",
-        "nud",
-        "permanent",
-    ]);
-    let lxc_ifindex = node.ifindex(&lxc);
-    Pod {
-        ns,
-        ip,
-        mac,
-        lxc,
-        lxc_mac,
-        lxc_ifindex,
     }
 }
 

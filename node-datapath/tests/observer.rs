@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use bpf_support::*;
 use membrane_node_datapath::bpf::{
-    Datapath, DatapathOptions, Direction, EndpointInfo, MacAddr, PolicyEntry, PortMatch, Verdict,
+    Datapath, DatapathOptions, Direction, EndpointInfo, PolicyEntry, PortMatch, Verdict,
     probe_features,
 };
 use membrane_node_datapath::identity::ClusterView;
@@ -27,7 +27,6 @@ use pb::get_flows_response::ResponseTypes;
 use pb::observer_client::ObserverClient;
 use tonic::transport::Channel;
 
-const GATEWAY: &str = "169.254.1.1";
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 201, 7, 10);
 const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 201, 7, 11);
 const CLIENT_EP: u32 = 1;
@@ -39,14 +38,6 @@ const DENIED: u16 = 8081;
 const DENY_RULE: u32 = 42;
 /// Small, so the test can overrun it.
 const CAPACITY: usize = 8;
-
-struct Pod {
-    ns: Netns,
-    ip: Ipv4Addr,
-    mac: MacAddr,
-    lxc_mac: MacAddr,
-    lxc_ifindex: u32,
-}
 
 /// The node namespace must outlive the pods' veths; fields drop in order.
 struct Topology {
@@ -67,47 +58,9 @@ fn topology() -> Topology {
     ]);
     let pods = [("a", CLIENT_IP, 0x1a), ("b", SERVER_IP, 0x1b)]
         .into_iter()
-        .map(|(name, ip, n)| add_pod(&node, name, ip, n))
+        .map(|(name, ip, n)| add_pod(&node, "obs", name, ip, n))
         .collect();
     Topology { pods, node }
-}
-
-fn add_pod(node: &Netns, name: &str, ip: Ipv4Addr, n: u8) -> Pod {
-    let ns = Netns::new(&format!("obspod{name}"));
-    let lxc = format!("obslxc{name}");
-    let lxc_mac = MacAddr([0x02, 0, 0, 0, n, 0x01]);
-    let mac = MacAddr([0x02, 0, 0, 0, n, 0x02]);
-    let (lxc_mac_s, mac_s, ip_s) = (lxc_mac.to_string(), mac.to_string(), format!("{ip}/32"));
-    let node_ip = |args: &[&str]| run(&[&["ip", "-n", &node.name], args].concat());
-    let pod_ip = |args: &[&str]| run(&[&["ip", "-n", &ns.name], args].concat());
-    node_ip(&[
-        "link", "add", &lxc, "address", &lxc_mac_s, "type", "veth", "peer", "name", "eth0",
-        "address", &mac_s, "netns", &ns.name,
-    ]);
-    node_ip(&["link", "set", &lxc, "up"]);
-    pod_ip(&["link", "set", "eth0", "up"]);
-    pod_ip(&["addr", "add", &ip_s, "dev", "eth0"]);
-    pod_ip(&["route", "add", GATEWAY, "dev", "eth0", "scope", "link"]);
-    pod_ip(&["route", "add", "default", "via", GATEWAY, "dev", "eth0"]);
-    pod_ip(&[
-        "neigh",
-        "add",
-        GATEWAY,
-        "lladdr",
-        &lxc_mac_s,
-        "dev",
-        "eth0",
-        "nud",
-        "permanent",
-    ]);
-    let lxc_ifindex = node.ifindex(&lxc);
-    Pod {
-        ns,
-        ip,
-        mac,
-        lxc_mac,
-        lxc_ifindex,
-    }
 }
 
 /// Loads the datapath in the node namespace, attaches both pods, programs

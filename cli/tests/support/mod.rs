@@ -80,7 +80,7 @@ impl Cluster {
                 std::os::unix::fs::symlink(&path, bins.path().join(&name)).expect("symlink");
                 components.push(name);
             } else {
-                eprintln!("leaving out {name}: it does not answer --help (placeholder?)");
+                eprintln!("leaving out {name}: it does not answer --help");
             }
         }
         eprintln!("components under test: {components:?}");
@@ -168,7 +168,7 @@ impl Drop for Cluster {
     }
 }
 
-/// A real binary prints usage for `--help`; a placeholder stub prints nothing.
+/// A real binary prints usage for `--help`; an empty `fn main` prints nothing.
 pub fn is_real_component(path: &Path) -> bool {
     let Ok(mut child) = Command::new(path)
         .arg("--help")

@@ -232,3 +232,59 @@ pub fn enter_netns(path: &str) {
     nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
         .unwrap_or_else(|e| panic!("setns {path}: {e}"));
 }
+
+/// Link-local gateway every test pod routes through (as Cilium's pods do).
+pub const GATEWAY: &str = "169.254.1.1";
+
+/// A pod namespace wired to a node namespace by a veth pair.
+pub struct Pod {
+    pub ns: Netns,
+    pub ip: Ipv4Addr,
+    pub mac: MacAddr,
+    /// Node-side veth.
+    pub lxc: String,
+    pub lxc_mac: MacAddr,
+    pub lxc_ifindex: u32,
+}
+
+/// Creates pod namespace `<prefix>pod<name>` with `ip`/32, its veth
+/// `<prefix>lxc<name>` in `node`, the gateway route and a static neighbour
+/// for the gateway; `n` makes the MACs unique.
+pub fn add_pod(node: &Netns, prefix: &str, name: &str, ip: Ipv4Addr, n: u8) -> Pod {
+    let ns = Netns::new(&format!("{prefix}pod{name}"));
+    let lxc = format!("{prefix}lxc{name}");
+    let lxc_mac = MacAddr([0x02, 0, 0, 0, n, 0x01]);
+    let mac = MacAddr([0x02, 0, 0, 0, n, 0x02]);
+    let (lxc_mac_s, mac_s, ip_s) = (lxc_mac.to_string(), mac.to_string(), format!("{ip}/32"));
+    let node_ip = |args: &[&str]| run(&[&["ip", "-n", &node.name], args].concat());
+    let pod_ip = |args: &[&str]| run(&[&["ip", "-n", &ns.name], args].concat());
+    node_ip(&[
+        "link", "add", &lxc, "address", &lxc_mac_s, "type", "veth", "peer", "name", "eth0",
+        "address", &mac_s, "netns", &ns.name,
+    ]);
+    node_ip(&["link", "set", &lxc, "up"]);
+    pod_ip(&["link", "set", "eth0", "up"]);
+    pod_ip(&["addr", "add", &ip_s, "dev", "eth0"]);
+    pod_ip(&["route", "add", GATEWAY, "dev", "eth0", "scope", "link"]);
+    pod_ip(&["route", "add", "default", "via", GATEWAY, "dev", "eth0"]);
+    pod_ip(&[
+        "neigh",
+        "add",
+        GATEWAY,
+        "lladdr",
+        &lxc_mac_s,
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ]);
+    let lxc_ifindex = node.ifindex(&lxc);
+    Pod {
+        ns,
+        ip,
+        mac,
+        lxc,
+        lxc_mac,
+        lxc_ifindex,
+    }
+}
