@@ -166,10 +166,15 @@ enum PodCommand {
 
 #[derive(Debug, Subcommand)]
 enum LbCommand {
-    /// A service's Maglev table (slot → backend address), computed from what the lb service publishes.
+    /// A service's Maglev table (slot → backend address): as programmed in a
+    /// node's eBPF maps with `--node`, else as the lb service computes it
+    /// from what it publishes (what every node should program).
     Table {
         /// `namespace/name`, or `name` in `default`.
         service: String,
+        /// Read the table from this node's maps (`node-1`, ...).
+        #[arg(long)]
+        node: Option<String>,
         #[command(flatten)]
         output: OutputFlag,
     },
@@ -283,8 +288,15 @@ async fn run(cli: Cli) -> anyhow::Result<Exit> {
             what: GetCommand::Services(o),
         } => commands::services::get_services(&ctx()?, o.output).await?,
         Command::Lb {
-            what: LbCommand::Table { service, output },
-        } => commands::services::lb_table(&ctx()?, &service, output.output).await?,
+            what:
+                LbCommand::Table {
+                    service,
+                    node,
+                    output,
+                },
+        } => {
+            commands::services::lb_table(&ctx()?, &service, node.as_deref(), output.output).await?
+        }
         Command::Get {
             what: GetCommand::Policies(o),
         } => commands::policy::get_policies(&ctx()?, o.output).await?,

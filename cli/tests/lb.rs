@@ -16,21 +16,29 @@ use support::*;
 struct Backends(Vec<Child>);
 
 impl Backends {
+    /// Port 8080 answers the pod name and closes; 9090 answers the pod
+    /// name, then echoes.
     fn start(pods: &[&str]) -> Self {
         let children = pods
             .iter()
-            .map(|p| {
-                Command::new("nsenter")
-                    .args([
-                        &format!("--net=/run/netns/pod-default-{p}"),
-                        "socat",
-                        "TCP-LISTEN:8080,fork,reuseaddr",
-                        &format!("SYSTEM:echo {p}"),
-                    ])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .expect("socat")
+            .flat_map(|p| {
+                [
+                    ("TCP-LISTEN:8080,fork,reuseaddr", format!("SYSTEM:echo {p}")),
+                    ("TCP-LISTEN:9090,fork,reuseaddr", format!("SYSTEM:echo {p}; cat")),
+                ]
+                .map(|(listen, answer)| {
+                    Command::new("nsenter")
+                        .args([
+                            &format!("--net=/run/netns/pod-default-{p}"),
+                            "socat",
+                            listen,
+                            &answer,
+                        ])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .spawn()
+                        .expect("socat")
+                })
             })
             .collect();
         std::thread::sleep(Duration::from_millis(300));
@@ -64,14 +72,71 @@ fn connect_many(
     serde_json::from_str(out.trim()).expect("counts")
 }
 
+/// One TCP connection from inside a pod, held open by a python child that
+/// echoes each line it is given through the connection.
+struct HeldConnection {
+    child: Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+    /// The backend pod that answered.
+    backend: String,
+}
+
+impl HeldConnection {
+    fn open(cluster: &Cluster, pod: &str, ip: &str, port: u16) -> Self {
+        use std::io::BufRead as _;
+        let script = format!(
+            "import socket, sys\ns = socket.create_connection(('{ip}', {port}), timeout=5)\nf = s.makefile('r')\nprint(f.readline().strip(), flush=True)\nfor line in sys.stdin:\n    s.sendall(line.encode())\n    print(f.readline().strip(), flush=True)\n"
+        );
+        let mut child = cluster
+            .command(&["pod", "exec", pod, "--", "python3", "-u", "-c", &script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("pod exec");
+        let stdin = child.stdin.take().expect("stdin");
+        let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        let mut backend = String::new();
+        stdout.read_line(&mut backend).expect("backend name");
+        let backend = backend.trim().to_string();
+        assert!(!backend.is_empty(), "no answer on the held connection");
+        Self {
+            child,
+            stdin,
+            stdout,
+            backend,
+        }
+    }
+
+    fn echo(&mut self, word: &str) -> String {
+        use std::io::{BufRead as _, Write as _};
+        writeln!(self.stdin, "{word}").expect("write");
+        self.stdin.flush().expect("flush");
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("read");
+        line.trim().to_string()
+    }
+}
+
+impl Drop for HeldConnection {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The ClusterIP of the only service, once the lb service published it.
 fn cluster_ip(cluster: &Cluster) -> String {
-    let v: Value =
-        serde_json::from_str(&cluster.ok(&["get", "services", "-o", "json"])).expect("json");
-    let fe = v["items"][0]["frontends"]
-        .as_str()
-        .expect("frontends")
-        .to_string();
-    fe.split(':').next().expect("ip").to_string()
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v: Value =
+            serde_json::from_str(&cluster.ok(&["get", "services", "-o", "json"])).expect("json");
+        if let Some(fe) = v["items"][0]["frontends"].as_str() {
+            return fe.split(':').next().expect("ip").to_string();
+        }
+        assert!(Instant::now() < deadline, "the service never showed: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]
@@ -91,7 +156,7 @@ fn a_cluster_ip_balances_pods_on_both_nodes_over_its_backends_and_follows_them()
     let _backends = Backends::start(&["w1", "w2", "w3"]);
     let dir = tempfile::tempdir().expect("tmp");
     let svc = dir.path().join("svc.yaml");
-    std::fs::write(&svc, "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  selector: {app: web}\n  ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP}]\n").expect("write");
+    std::fs::write(&svc, "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  selector: {app: web}\n  ports:\n  - {name: http, port: 80, targetPort: 8080, protocol: TCP}\n  - {name: echo, port: 90, targetPort: 9090, protocol: TCP}\n").expect("write");
     cluster.ok(&["apply", "-f", svc.to_str().expect("path")]);
     let ip = cluster_ip(&cluster);
 
@@ -123,6 +188,22 @@ fn a_cluster_ip_balances_pods_on_both_nodes_over_its_backends_and_follows_them()
     for (w, n) in &total {
         assert!(*n >= 50, "{w} got only {n} of 300: {total:?}");
     }
+
+    // A connection in flight survives unrelated changes: another backend
+    // going, another service coming.
+    let mut held = HeldConnection::open(&cluster, "c1", &ip, 90);
+    let other = ["w1", "w2", "w3"]
+        .into_iter()
+        .find(|w| *w != held.backend && *w != "w3")
+        .expect("another backend");
+    let extra = dir.path().join("extra.yaml");
+    std::fs::write(&extra, "apiVersion: v1\nkind: Service\nmetadata: {name: other, namespace: default}\nspec:\n  selector: {app: web}\n  ports: [{name: http, port: 81, targetPort: 8080, protocol: TCP}]\n").expect("write");
+    cluster.ok(&["apply", "-f", extra.to_str().expect("path")]);
+    cluster.ok(&["pod", "label", other, "app=gone"]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(held.echo("still-here"), "still-here", "the held connection broke");
+    cluster.ok(&["pod", "label", other, "app=web"]);
+    drop(held);
 
     // A removed backend is never chosen again.
     cluster.ok(&["pod", "rm", "w3"]);
@@ -221,4 +302,181 @@ fn a_node_port_reached_through_either_node_lands_on_the_same_backend_per_client_
     assert_eq!(via1, via2, "node-1 and node-2 chose different backends");
     let used: std::collections::BTreeSet<&String> = via1.values().collect();
     assert_eq!(used.len(), 3, "all three backends used: {used:?}");
+}
+
+/// `membrane lb table SERVICE --node NODE -o json`: slots as that node's maps hold them.
+fn programmed_table(cluster: &Cluster, service: &str, node: &str) -> Vec<String> {
+    let v: Value = serde_json::from_str(&cluster.ok(&[
+        "lb", "table", service, "--node", node, "-o", "json",
+    ]))
+    .expect("json");
+    v["slots"]
+        .as_array()
+        .expect("slots")
+        .iter()
+        .map(|s| s.as_str().expect("address").to_string())
+        .collect()
+}
+
+/// Waits until every node reports the current state of every service as
+/// programmed (`membrane get services`: acked version ≥ the service's).
+fn wait_programmed(cluster: &Cluster) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v: Value =
+            serde_json::from_str(&cluster.ok(&["get", "services", "-o", "json"])).expect("json");
+        let items = v["items"].as_array().expect("items");
+        let done = !items.is_empty()
+            && items.iter().all(|s| {
+                let nodes = s["nodes"].as_array().expect("nodes");
+                nodes.len() == 2 && nodes.iter().all(|n| n["programmed"] == true)
+            });
+        if done {
+            return;
+        }
+        assert!(Instant::now() < deadline, "not programmed everywhere: {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn counts(slots: &[String]) -> BTreeMap<String, usize> {
+    let mut c = BTreeMap::new();
+    for s in slots {
+        *c.entry(s.clone()).or_insert(0) += 1;
+    }
+    c
+}
+
+fn endpoints_yaml(name: &str, addresses: &[String], weights: Option<&str>) -> String {
+    let ann = weights
+        .map(|w| format!("  annotations: {{service.membrane.io/backend-weights: '{w}'}}\n"))
+        .unwrap_or_default();
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  ports: [{{name: http, port: 80, targetPort: 8080, protocol: TCP}}]\n---\napiVersion: v1\nkind: Endpoints\nmetadata:\n  name: {name}\n  namespace: default\n{ann}subsets:\n- addresses: [{}]\n  ports: [{{name: http, port: 8080, protocol: TCP}}]\n",
+        addresses
+            .iter()
+            .map(|a| format!("{{ip: {a}}}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+#[test]
+fn maglev_tables_as_programmed_are_the_same_on_every_node_balanced_weighted_and_stable() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !has_root() {
+        return;
+    }
+    let cluster = Cluster::new();
+    assert!(cluster.has("membrane-lb"), "this test needs the lb service");
+    cluster.ok(&["up", "--nodes", "2", "--detach"]);
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("svc.yaml");
+    let file = file.to_str().expect("path");
+    let hundred: Vec<String> = (0..100)
+        .map(|i| format!("10.250.{}.{}", i / 50, 10 + i % 50))
+        .collect();
+    std::fs::write(file, endpoints_yaml("big", &hundred, None)).expect("write");
+    cluster.ok(&["apply", "-f", file]);
+    std::fs::write(
+        dir.path().join("w.yaml"),
+        endpoints_yaml(
+            "weighted",
+            &["10.251.0.1".into(), "10.251.0.2".into(), "10.251.0.3".into()],
+            Some(r#"{"10.251.0.1": 1, "10.251.0.2": 2, "10.251.0.3": 3}"#),
+        ),
+    )
+    .expect("write");
+    cluster.ok(&["apply", "-f", dir.path().join("w.yaml").to_str().expect("path")]);
+    wait_programmed(&cluster);
+
+    // Identical on every node, and what the lb service computes.
+    let t1 = programmed_table(&cluster, "big", "node-1");
+    let t2 = programmed_table(&cluster, "big", "node-2");
+    assert_eq!(t1.len(), 16381);
+    assert!(t1 == t2, "node-1 and node-2 programmed different tables");
+    let computed: Value =
+        serde_json::from_str(&cluster.ok(&["lb", "table", "big", "-o", "json"])).expect("json");
+    let computed: Vec<&str> = computed["slots"]
+        .as_array()
+        .expect("slots")
+        .iter()
+        .map(|s| s.as_str().expect("address"))
+        .collect();
+    assert!(t1.iter().map(String::as_str).eq(computed), "programmed ≠ computed");
+
+    // Every backend owns ⌊M/N⌋ or ⌈M/N⌉ slots.
+    let c = counts(&t1);
+    assert_eq!(c.len(), 100);
+    assert!(c.values().all(|n| *n == 163 || *n == 164), "{c:?}");
+
+    // Weights 1:2:3 → 1/6, 2/6, 3/6 of the slots (within 1% of M).
+    let w = counts(&programmed_table(&cluster, "weighted", "node-2"));
+    for (addr, share) in [("10.251.0.1", 1.0), ("10.251.0.2", 2.0), ("10.251.0.3", 3.0)] {
+        let want = 16381.0 * share / 6.0;
+        let got = w[addr] as f64;
+        assert!((got - want).abs() < 164.0, "{addr}: {got} slots, want ≈{want:.0}");
+    }
+
+    // Removing one of 100 backends moves at most 1% of the survivors' slots.
+    let removed = hundred[37].clone();
+    let rest: Vec<String> = hundred.iter().filter(|a| **a != removed).cloned().collect();
+    std::fs::write(file, endpoints_yaml("big", &rest, None)).expect("write");
+    cluster.ok(&["apply", "-f", file]);
+    wait_programmed(&cluster);
+    let after = programmed_table(&cluster, "big", "node-1");
+    assert!(!after.contains(&removed));
+    let surviving = t1.iter().filter(|a| **a != removed).count();
+    let moved = t1
+        .iter()
+        .zip(&after)
+        .filter(|(old, new)| **old != removed && old != new)
+        .count();
+    assert!(
+        moved * 100 <= surviving,
+        "{moved} of {surviving} surviving slots moved"
+    );
+    assert!(after == programmed_table(&cluster, "big", "node-2"));
+}
+
+#[test]
+fn bad_maglev_settings_and_a_duplicate_port_are_refused_with_the_field_named_and_nothing_changes() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !has_root() {
+        return;
+    }
+    let cluster = Cluster::new();
+    for (flags, want) in [
+        (["--maglev-seed", "bm90LWJhc2U2NCE"], "--maglev-seed"),
+        (["--maglev-seed", "%%%"], "not valid base64"),
+        (["--maglev-seed", "c2hvcnQ="], "exactly 12 bytes"),
+        (["--maglev-table-size", "1000"], "--maglev-table-size: table size 1000 is not supported"),
+    ] {
+        let out = cluster.run(&["up", "--detach", flags[0], flags[1]]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flags:?} accepted");
+        assert!(err.contains(want), "{flags:?}: {err}");
+        assert!(!netns_exists("node-1"), "{flags:?}: something was started");
+    }
+
+    cluster.ok(&["up", "--nodes", "2", "--detach"]);
+    let dir = tempfile::tempdir().expect("tmp");
+    let good = dir.path().join("good.yaml");
+    std::fs::write(&good, endpoints_yaml("web", &["10.250.0.1".into()], None)).expect("write");
+    cluster.ok(&["apply", "-f", good.to_str().expect("path")]);
+    wait_programmed(&cluster);
+    let before = cluster.ok(&["get", "services", "-o", "json"]);
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  ports:\n  - {name: a, port: 80, protocol: TCP}\n  - {name: b, port: 80, protocol: TCP}\n").expect("write");
+    let out = cluster.run(&["apply", "-f", bad.to_str().expect("path")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("spec.ports[1]") && err.contains("duplicate port 80/TCP"),
+        "{err}"
+    );
+    // A running cluster is not touched by a bad flag either.
+    let out = cluster.run(&["up", "--detach", "--maglev-table-size", "7"]);
+    assert!(!out.status.success());
+    assert_eq!(cluster.ok(&["get", "services", "-o", "json"]), before);
 }

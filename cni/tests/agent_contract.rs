@@ -103,6 +103,12 @@ impl Node for ScriptedAgent {
     ) -> Result<Response<membrane_proto::node::v1::IpcacheResponse>, Status> {
         Err(Status::unimplemented("not scripted"))
     }
+    async fn service_table(
+        &self,
+        _: Request<membrane_proto::node::v1::ServiceTableRequest>,
+    ) -> Result<Response<membrane_proto::node::v1::ServiceTableResponse>, Status> {
+        Err(Status::unimplemented("not scripted"))
+    }
 }
 
 /// A scripted agent serving on a socket in a temporary directory.

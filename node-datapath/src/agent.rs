@@ -341,6 +341,7 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
         None => tracing::warn!("no policy service configured: no network policy is enforced"),
     }
 
+    let mut lb_view = None;
     match (args.service_lb, &args.lb_endpoint) {
         (true, Some(url)) => {
             let cgroup = args.cgroup_root.join(&args.node_name);
@@ -351,11 +352,13 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
                 .with_context(|| format!("attach bpf_sock to {}", cgroup.display()))?;
             tracing::info!(cgroup = %cgroup.display(), "socket load balancing attached");
             let channel = rpc::connect_lazy(url, &args.lb_server_name, tls.as_ref())?;
+            let sink = crate::lb::LbSink::new(args.node_name.clone(), sock);
+            lb_view = Some(sink.view());
             tasks.push(subscribe(
                 &args.node_name,
                 "lb",
                 channel,
-                crate::lb::LbSink::new(sock),
+                sink,
                 &applied_tx,
             ));
         }
@@ -378,7 +381,7 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
         .collect(),
         delivery: delivery.into(),
     };
-    let api = NodeApi::new(endpoints, datapath, facts, applied_rx);
+    let api = NodeApi::new(endpoints, datapath, facts, applied_rx, lb_view);
     let socket = args.state_dir.join("agent.sock");
     let local = tokio::spawn({
         let routes = tonic::service::Routes::new(api.clone());

@@ -9,8 +9,9 @@ use membrane_proto::node::v1 as pb;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
-use crate::bpf::Datapath;
+use crate::bpf::{Datapath, LbAlgorithm};
 use crate::endpoints::{AddRequest, EndpointError, EndpointManager, EndpointRecord};
+use crate::lb::LbView;
 
 impl std::fmt::Debug for NodeApi {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -59,21 +60,25 @@ pub struct NodeApi {
     datapath: Arc<std::sync::Mutex<Datapath>>,
     facts: NodeFacts,
     applied: watch::Receiver<BTreeMap<String, u64>>,
+    lb: Option<LbView>,
 }
 
 impl NodeApi {
-    /// Serves `endpoints`; `applied` tracks the streams' applied versions.
+    /// Serves `endpoints`; `applied` tracks the streams' applied versions;
+    /// `lb` is what service load balancing programmed (None: it is off).
     pub fn new(
         endpoints: Arc<EndpointManager>,
         datapath: Arc<std::sync::Mutex<Datapath>>,
         facts: NodeFacts,
         applied: watch::Receiver<BTreeMap<String, u64>>,
+        lb: Option<LbView>,
     ) -> pb::node_server::NodeServer<Self> {
         pb::node_server::NodeServer::new(Self {
             endpoints,
             datapath,
             facts,
             applied,
+            lb,
         })
     }
 
@@ -209,6 +214,57 @@ impl pb::node_server::Node for NodeApi {
             })
             .collect();
         Ok(Response::new(pb::IpcacheResponse { entries }))
+    }
+
+    async fn service_table(
+        &self,
+        req: Request<pb::ServiceTableRequest>,
+    ) -> Result<Response<pb::ServiceTableResponse>, Status> {
+        let pb::ServiceTableRequest { service } = req.into_inner();
+        let service = if service.contains('/') {
+            service
+        } else {
+            format!("default/{service}")
+        };
+        if service.ends_with('/') {
+            return Err(Status::invalid_argument(
+                "service: required (`namespace/name`)",
+            ));
+        }
+        let lb = self.lb.clone().ok_or_else(|| {
+            Status::unavailable(format!(
+                "node `{}`: service load balancing is off",
+                self.endpoints.node()
+            ))
+        })?;
+        let lookup = service.clone();
+        let table = tokio::task::spawn_blocking(move || lb.table(&lookup))
+            .await
+            .map_err(|e| Status::internal(format!("read service table: {e}")))?
+            .map_err(|e| Status::internal(format!("read service table: {e}")))?
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "service `{service}` is not programmed on node `{}`",
+                    self.endpoints.node()
+                ))
+            })?;
+        let mut per: BTreeMap<String, u32> = BTreeMap::new();
+        for a in &table.slots {
+            *per.entry(a.to_string()).or_default() += 1;
+        }
+        Ok(Response::new(pb::ServiceTableResponse {
+            service,
+            node: self.endpoints.node().to_string(),
+            version: table.version,
+            algorithm: match table.algorithm {
+                LbAlgorithm::Maglev => "maglev",
+                LbAlgorithm::Random => "random",
+            }
+            .to_string(),
+            table_size: u32::try_from(table.slots.len()).unwrap_or(u32::MAX),
+            slots: table.slots.iter().map(ToString::to_string).collect(),
+            slots_per_backend: per.into_iter().collect(),
+        }))
     }
 
     async fn status(

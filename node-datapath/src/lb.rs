@@ -19,6 +19,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
 
 use membrane_lb::maglev::{self, Seed, TableSize, Weighted};
 use membrane_proto::lb::v1 as proto;
@@ -29,10 +30,12 @@ use crate::bpf::{LbAlgorithm, LbBackend, LbFrontend, LbProtocol, LbService, Sock
 
 /// The maps the sink programs (the real ones: [`SockLb`]; tests: a fake).
 pub trait LbMaps: Send + 'static {
-    /// Programmed frontends and the service id each uses.
-    fn frontends(&mut self) -> Result<Vec<(LbFrontend, u32)>, String>;
-    /// Programmed backend ids.
-    fn backend_ids(&mut self) -> Result<Vec<u32>, String>;
+    /// Programmed frontends.
+    fn frontends(&mut self) -> Result<Vec<(LbFrontend, LbService)>, String>;
+    /// Programmed backends.
+    fn backends(&mut self) -> Result<Vec<(u32, LbBackend)>, String>;
+    /// A service's programmed table (backend id per slot), if any.
+    fn table(&mut self, service_id: u32) -> Result<Option<Vec<u32>>, String>;
     /// Programs a backend.
     fn upsert_backend(&mut self, id: u32, backend: LbBackend) -> Result<(), String>;
     /// Removes a backend.
@@ -46,8 +49,8 @@ pub trait LbMaps: Send + 'static {
     /// Removes a frontend.
     fn remove_service(&mut self, frontend: LbFrontend) -> Result<(), String>;
     /// Programmed external frontends (NodePort, LoadBalancer, externalIPs;
-    /// bpf_host at tc) and the service id each uses.
-    fn ext_frontends(&mut self) -> Result<Vec<(LbFrontend, u32)>, String> {
+    /// bpf_host at tc).
+    fn ext_frontends(&mut self) -> Result<Vec<(LbFrontend, LbService)>, String> {
         Ok(Vec::new())
     }
     /// Programs an external frontend (NodePort: address 0.0.0.0).
@@ -75,51 +78,177 @@ pub trait LbMaps: Send + 'static {
     fn remove_backend_port(&mut self, _port: LbFrontend) -> Result<(), String> {
         Ok(())
     }
+    /// Addresses this node announces on the underlay (answers ARP for).
+    fn announced(&mut self) -> Result<Vec<Ipv4Addr>, String> {
+        Ok(Vec::new())
+    }
+    /// Starts announcing an address.
+    fn announce(&mut self, _address: Ipv4Addr) -> Result<(), String> {
+        Ok(())
+    }
+    /// Stops announcing an address.
+    fn withdraw(&mut self, _address: Ipv4Addr) -> Result<(), String> {
+        Ok(())
+    }
 }
 
-/// Applies the lb stream to [`LbMaps`].
-#[derive(Debug)]
+/// Applies the lb stream to [`LbMaps`], incrementally: a service whose
+/// published bytes did not change is not recomputed (no Maglev build), and
+/// only map entries that differ from what this sink programmed are written.
+/// The first apply after start reads the maps once, so entries a previous
+/// agent left behind are removed.
 pub struct LbSink<M> {
-    maps: M,
+    /// This node's name: it announces the addresses whose announcer it is.
+    node: String,
+    maps: Arc<Mutex<M>>,
+    view: LbView,
+    /// Per service key: the published bytes it was computed from, and what it wants.
+    services: BTreeMap<String, (Vec<u8>, Wanted)>,
     ids: BTreeMap<String, u32>,
     next_id: u32,
-    tables: BTreeMap<u32, Vec<u32>>,
+    /// What the maps hold, as far as this sink knows (None until read once).
+    programmed: Option<Programmed>,
+}
+
+/// The map contents this sink is responsible for.
+#[derive(Debug, Default, PartialEq)]
+struct Programmed {
+    frontends: BTreeMap<LbFrontend, LbService>,
+    ext_frontends: BTreeMap<LbFrontend, LbService>,
+    backends: BTreeMap<u32, LbBackend>,
+    /// Tables by service id; `None`: found referenced, contents unknown.
+    tables: BTreeMap<u32, Option<Vec<u32>>>,
+    backend_ports: BTreeSet<LbFrontend>,
+    announced: BTreeSet<Ipv4Addr>,
 }
 
 /// What one service wants programmed.
+#[derive(Debug, Clone)]
 struct Wanted {
     frontends: Vec<(LbFrontend, LbService)>,
     /// NodePort (address 0.0.0.0), LoadBalancer and externalIPs frontends.
     ext_frontends: Vec<(LbFrontend, LbService)>,
     backends: Vec<(u32, LbBackend)>,
     table: Vec<u32>,
+    algorithm: LbAlgorithm,
+    /// (address, announcing node) of LoadBalancer and externalIPs frontends.
+    announcers: Vec<(Ipv4Addr, String)>,
 }
 
+/// Read access to what an [`LbSink`] programmed, for the node API.
+#[derive(Clone)]
+pub struct LbView {
+    maps: Arc<Mutex<dyn LbMaps>>,
+    state: Arc<Mutex<ViewState>>,
+}
+
+#[derive(Debug, Default)]
+struct ViewState {
+    version: u64,
+    /// `namespace/name` → (service id, algorithm).
+    services: BTreeMap<String, (u32, LbAlgorithm)>,
+}
+
+/// A service's table as read back from the maps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgrammedTable {
+    /// Version of the lb stream the maps were last reconciled to.
+    pub version: u64,
+    /// The service's algorithm.
+    pub algorithm: LbAlgorithm,
+    /// Backend address per slot (empty: no backend, connections refused).
+    pub slots: Vec<Ipv4Addr>,
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Plain data behind the lock: a panic elsewhere leaves it usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+// === impl LbView ===
+
+impl LbView {
+    /// The table of `service` (`namespace/name`) as the maps hold it;
+    /// `Ok(None)` when this node has no such service.
+    pub fn table(&self, service: &str) -> Result<Option<ProgrammedTable>, String> {
+        let (version, id, algorithm) = {
+            let st = lock(&self.state);
+            match st.services.get(service) {
+                Some((id, alg)) => (st.version, *id, *alg),
+                None => return Ok(None),
+            }
+        };
+        let mut maps = lock(&self.maps);
+        let ids = maps.table(id)?.unwrap_or_default();
+        let backends: BTreeMap<u32, LbBackend> = maps.backends()?.into_iter().collect();
+        let slots = ids
+            .iter()
+            .map(|b| {
+                backends
+                    .get(b)
+                    .map(|be| be.address)
+                    .ok_or_else(|| format!("slot points to backend id {b}, which is not in the backend map"))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Some(ProgrammedTable {
+            version,
+            algorithm,
+            slots,
+        }))
+    }
+}
+
+impl std::fmt::Debug for LbView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LbView").finish_non_exhaustive()
+    }
+}
+
+// === impl LbSink ===
+
 impl<M: LbMaps> LbSink<M> {
-    /// A sink over `maps`.
-    pub fn new(maps: M) -> Self {
+    /// A sink over `maps` for the node called `node`.
+    pub fn new(node: impl Into<String>, maps: M) -> Self {
+        let maps = Arc::new(Mutex::new(maps));
+        let view = LbView {
+            maps: maps.clone(),
+            state: Arc::default(),
+        };
         Self {
+            node: node.into(),
             maps,
+            view,
+            services: BTreeMap::new(),
             ids: BTreeMap::new(),
             next_id: 1,
-            tables: BTreeMap::new(),
+            programmed: None,
         }
     }
 
+    /// Read access for the node API.
+    pub fn view(&self) -> LbView {
+        self.view.clone()
+    }
+
     /// The maps (for tests and inspection).
-    pub fn maps(&self) -> &M {
-        &self.maps
+    pub fn maps(&self) -> std::sync::MutexGuard<'_, M> {
+        lock(&self.maps)
     }
 
     /// Makes the maps match `state` (every `service/…` key).
     pub fn reconcile(&mut self, state: &BTreeMap<String, Any>) -> Result<(), String> {
-        let mut wanted = BTreeMap::new();
+        // What every service wants; unchanged services are not recomputed.
+        let mut services = BTreeMap::new();
         for (key, any) in state.range("service/".to_owned()..) {
             if !key.starts_with("service/") {
                 break;
             }
-            let svc: proto::ServiceState =
-                any.to_msg().map_err(|e| format!("decode `{key}`: {e}"))?;
+            if let Some((bytes, w)) = self.services.remove(key)
+                && bytes == any.value
+            {
+                services.insert(key.clone(), (bytes, w));
+                continue;
+            }
             let id = match self.ids.get(key) {
                 Some(id) => *id,
                 None => {
@@ -129,47 +258,57 @@ impl<M: LbMaps> LbSink<M> {
                     id
                 }
             };
-            wanted.insert(id, want(key, id, &svc)?);
+            let svc: proto::ServiceState =
+                any.to_msg().map_err(|e| format!("decode `{key}`: {e}"))?;
+            services.insert(key.clone(), (any.value.clone(), want(key, id, &svc)?));
         }
-        self.ids.retain(|_, id| wanted.contains_key(id));
+        // Nothing is half-applied on a bad service: every service decoded
+        // before the maps are touched. Its id is kept for the retry.
+        self.services = services;
+        self.ids.retain(|k, _| self.services.contains_key(k));
 
-        let programmed = self.maps.frontends()?;
-        let programmed_ext = self.maps.ext_frontends()?;
-        // Backends and tables first, then the frontends that use them.
-        let backends: BTreeMap<u32, LbBackend> = wanted
-            .values()
-            .flat_map(|w| w.backends.iter().copied())
+        let desired = self.desired();
+        let mut maps = lock(&self.maps);
+        let programmed = match self.programmed.take() {
+            Some(p) => p,
+            None => read_programmed(&mut *maps)?,
+        };
+        // On error the maps are in between: read them again next time.
+        sync(&mut *maps, &programmed, &desired)?;
+        self.programmed = Some(desired);
+        drop(maps);
+        let mut view = lock(&self.view.state);
+        view.services = self
+            .services
+            .iter()
+            .map(|(k, (_, w))| {
+                let name = k.strip_prefix("service/").unwrap_or(k).to_string();
+                (name, (self.ids[k], w.algorithm))
+            })
             .collect();
-        for (id, b) in &backends {
-            self.maps.upsert_backend(*id, *b)?;
-        }
-        for (id, w) in &wanted {
-            if self.tables.get(id) != Some(&w.table) {
-                self.maps.set_table(*id, &w.table)?;
-                self.tables.insert(*id, w.table.clone());
-            }
-        }
-        let mut keep = BTreeSet::new();
-        for w in wanted.values() {
-            for (f, s) in &w.frontends {
-                self.maps.upsert_service(*f, *s)?;
-                keep.insert(*f);
-            }
-        }
-        let mut keep_ext = BTreeSet::new();
-        for w in wanted.values() {
-            for (f, s) in &w.ext_frontends {
-                self.maps.upsert_ext_service(*f, *s)?;
-                keep_ext.insert(*f);
-            }
-        }
-        // Backend ports of services with external frontends (for requests
-        // another node SNATed to them: lib/nodeport.h).
-        let mut be_ports = BTreeSet::new();
-        for w in wanted.values() {
+        Ok(())
+    }
+
+    /// The map contents every service together wants.
+    fn desired(&self) -> Programmed {
+        let mut p = Programmed::default();
+        for (key, (_, w)) in &self.services {
+            let id = self.ids[key];
+            p.backends.extend(w.backends.iter().copied());
+            p.tables.insert(id, Some(w.table.clone()));
+            p.frontends.extend(w.frontends.iter().copied());
+            p.ext_frontends.extend(w.ext_frontends.iter().copied());
+            p.announced.extend(
+                w.announcers
+                    .iter()
+                    .filter(|(_, n)| *n == self.node)
+                    .map(|(a, _)| *a),
+            );
+            // Backend ports of services with external frontends (for
+            // requests another node SNATed to them: lib/nodeport.h).
             for (f, s) in &w.ext_frontends {
                 for (_, b) in &w.backends {
-                    be_ports.insert(LbFrontend {
+                    p.backend_ports.insert(LbFrontend {
                         address: b.address,
                         port: if b.port != 0 { b.port } else { s.target_port },
                         protocol: f.protocol,
@@ -177,40 +316,86 @@ impl<M: LbMaps> LbSink<M> {
                 }
             }
         }
-        for p in &be_ports {
-            self.maps.upsert_backend_port(*p)?;
-        }
-        for p in self.maps.backend_ports()? {
-            if !be_ports.contains(&p) {
-                self.maps.remove_backend_port(p)?;
-            }
-        }
-        let mut stale_tables: BTreeSet<u32> = self.tables.keys().copied().collect();
-        for (f, id) in programmed_ext {
-            stale_tables.insert(id);
-            if !keep_ext.contains(&f) {
-                self.maps.remove_ext_service(f)?;
-            }
-        }
-        for (f, id) in programmed {
-            stale_tables.insert(id);
-            if !keep.contains(&f) {
-                self.maps.remove_service(f)?;
-            }
-        }
-        for id in stale_tables {
-            if !wanted.contains_key(&id) {
-                self.maps.remove_table(id)?;
-                self.tables.remove(&id);
-            }
-        }
-        for id in self.maps.backend_ids()? {
-            if !backends.contains_key(&id) {
-                self.maps.remove_backend(id)?;
-            }
-        }
-        Ok(())
+        p
     }
+}
+
+/// What the maps hold now (tables only as referenced ids).
+fn read_programmed<M: LbMaps + ?Sized>(maps: &mut M) -> Result<Programmed, String> {
+    let mut p = Programmed::default();
+    for (f, s) in maps.frontends()? {
+        p.tables.insert(s.service_id, None);
+        p.frontends.insert(f, s);
+    }
+    for (f, s) in maps.ext_frontends()? {
+        p.tables.insert(s.service_id, None);
+        p.ext_frontends.insert(f, s);
+    }
+    for (id, b) in maps.backends()? {
+        p.backends.insert(id, b);
+    }
+    p.backend_ports = maps.backend_ports()?.into_iter().collect();
+    p.announced = maps.announced()?.into_iter().collect();
+    Ok(p)
+}
+
+/// Writes the difference between `have` and `want`: backends and tables
+/// first, then the frontends that use them; removals last.
+fn sync<M: LbMaps + ?Sized>(maps: &mut M, have: &Programmed, want: &Programmed) -> Result<(), String> {
+    for (id, b) in &want.backends {
+        if have.backends.get(id) != Some(b) {
+            maps.upsert_backend(*id, *b)?;
+        }
+    }
+    for (id, t) in &want.tables {
+        if have.tables.get(id) != Some(t) {
+            maps.set_table(*id, t.as_deref().unwrap_or_default())?;
+        }
+    }
+    for (f, s) in &want.frontends {
+        if have.frontends.get(f) != Some(s) {
+            maps.upsert_service(*f, *s)?;
+        }
+    }
+    for (f, s) in &want.ext_frontends {
+        if have.ext_frontends.get(f) != Some(s) {
+            maps.upsert_ext_service(*f, *s)?;
+        }
+    }
+    for p in want.backend_ports.difference(&have.backend_ports) {
+        maps.upsert_backend_port(*p)?;
+    }
+    for p in have.backend_ports.difference(&want.backend_ports) {
+        maps.remove_backend_port(*p)?;
+    }
+    // Announced only once the frontend is programmed, withdrawn before it goes.
+    for a in want.announced.difference(&have.announced) {
+        maps.announce(*a)?;
+    }
+    for a in have.announced.difference(&want.announced) {
+        maps.withdraw(*a)?;
+    }
+    for f in have.ext_frontends.keys() {
+        if !want.ext_frontends.contains_key(f) {
+            maps.remove_ext_service(*f)?;
+        }
+    }
+    for f in have.frontends.keys() {
+        if !want.frontends.contains_key(f) {
+            maps.remove_service(*f)?;
+        }
+    }
+    for id in have.tables.keys() {
+        if !want.tables.contains_key(id) {
+            maps.remove_table(*id)?;
+        }
+    }
+    for id in have.backends.keys() {
+        if !want.backends.contains_key(id) {
+            maps.remove_backend(*id)?;
+        }
+    }
+    Ok(())
 }
 
 impl<M: LbMaps> StateSink for LbSink<M> {
@@ -221,7 +406,8 @@ impl<M: LbMaps> StateSink for LbSink<M> {
         _changed: &[String],
     ) -> Result<(), String> {
         self.reconcile(state)?;
-        tracing::debug!(version, services = self.ids.len(), "socket lb reconciled");
+        lock(&self.view.state).version = version;
+        tracing::debug!(version, services = self.ids.len(), "service lb reconciled");
         Ok(())
     }
 }
@@ -278,6 +464,7 @@ fn want(key: &str, id: u32, svc: &proto::ServiceState) -> Result<Wanted, String>
     };
     let mut frontends = Vec::new();
     let mut ext_frontends = Vec::new();
+    let mut announcers = Vec::new();
     for f in &svc.frontends {
         let external = match proto::FrontendKind::try_from(f.kind) {
             Ok(proto::FrontendKind::ClusterIp) => false,
@@ -304,6 +491,9 @@ fn want(key: &str, id: u32, svc: &proto::ServiceState) -> Result<Wanted, String>
         let port = u16::try_from(f.port).map_err(|_| format!("`{key}`: port {}", f.port))?;
         let target = u16::try_from(f.target_port)
             .map_err(|_| format!("`{key}`: target port {}", f.target_port))?;
+        if !f.announcer.is_empty() && !address.is_unspecified() {
+            announcers.push((address, f.announcer.clone()));
+        }
         let list = if external {
             &mut ext_frontends
         } else {
@@ -328,27 +518,22 @@ fn want(key: &str, id: u32, svc: &proto::ServiceState) -> Result<Wanted, String>
         ext_frontends,
         backends,
         table,
+        algorithm,
+        announcers,
     })
 }
 
 // === impl LbMaps for SockLb ===
 
 impl LbMaps for SockLb {
-    fn frontends(&mut self) -> Result<Vec<(LbFrontend, u32)>, String> {
-        Ok(self
-            .services()
-            .map_err(|e| format!("{e:#}"))?
-            .into_iter()
-            .map(|(f, s)| (f, s.service_id))
-            .collect())
+    fn frontends(&mut self) -> Result<Vec<(LbFrontend, LbService)>, String> {
+        self.services().map_err(|e| format!("{e:#}"))
     }
-    fn backend_ids(&mut self) -> Result<Vec<u32>, String> {
-        Ok(self
-            .backends()
-            .map_err(|e| format!("{e:#}"))?
-            .into_iter()
-            .map(|(id, _)| id)
-            .collect())
+    fn backends(&mut self) -> Result<Vec<(u32, LbBackend)>, String> {
+        SockLb::backends(self).map_err(|e| format!("{e:#}"))
+    }
+    fn table(&mut self, service_id: u32) -> Result<Option<Vec<u32>>, String> {
+        SockLb::table(self, service_id).map_err(|e| format!("{e:#}"))
     }
     fn upsert_backend(&mut self, id: u32, backend: LbBackend) -> Result<(), String> {
         SockLb::upsert_backend(self, id, backend).map_err(|e| format!("{e:#}"))
@@ -374,13 +559,8 @@ impl LbMaps for SockLb {
             .map(drop)
             .map_err(|e| format!("{e:#}"))
     }
-    fn ext_frontends(&mut self) -> Result<Vec<(LbFrontend, u32)>, String> {
-        Ok(self
-            .ext_services()
-            .map_err(|e| format!("{e:#}"))?
-            .into_iter()
-            .map(|(f, s)| (f, s.service_id))
-            .collect())
+    fn ext_frontends(&mut self) -> Result<Vec<(LbFrontend, LbService)>, String> {
+        self.ext_services().map_err(|e| format!("{e:#}"))
     }
     fn upsert_ext_service(
         &mut self,
@@ -416,20 +596,21 @@ mod tests {
         services: BTreeMap<LbFrontend, LbService>,
         backends: BTreeMap<u32, LbBackend>,
         tables: BTreeMap<u32, Vec<u32>>,
+        writes: usize,
     }
 
     impl LbMaps for FakeMaps {
-        fn frontends(&mut self) -> Result<Vec<(LbFrontend, u32)>, String> {
-            Ok(self
-                .services
-                .iter()
-                .map(|(f, s)| (*f, s.service_id))
-                .collect())
+        fn frontends(&mut self) -> Result<Vec<(LbFrontend, LbService)>, String> {
+            Ok(self.services.iter().map(|(f, s)| (*f, *s)).collect())
         }
-        fn backend_ids(&mut self) -> Result<Vec<u32>, String> {
-            Ok(self.backends.keys().copied().collect())
+        fn backends(&mut self) -> Result<Vec<(u32, LbBackend)>, String> {
+            Ok(self.backends.iter().map(|(i, b)| (*i, *b)).collect())
+        }
+        fn table(&mut self, id: u32) -> Result<Option<Vec<u32>>, String> {
+            Ok(self.tables.get(&id).cloned())
         }
         fn upsert_backend(&mut self, id: u32, b: LbBackend) -> Result<(), String> {
+            self.writes += 1;
             self.backends.insert(id, b);
             Ok(())
         }
@@ -438,6 +619,7 @@ mod tests {
             Ok(())
         }
         fn set_table(&mut self, id: u32, ids: &[u32]) -> Result<(), String> {
+            self.writes += 1;
             self.tables.insert(id, ids.to_vec());
             Ok(())
         }
@@ -446,6 +628,7 @@ mod tests {
             Ok(())
         }
         fn upsert_service(&mut self, f: LbFrontend, s: LbService) -> Result<(), String> {
+            self.writes += 1;
             self.services.insert(f, s);
             Ok(())
         }
@@ -456,16 +639,21 @@ mod tests {
     }
 
     fn service(backends: &[(u32, &str)]) -> (String, Any) {
+        named("web", "10.96.0.10", backends)
+    }
+
+    fn named(name: &str, cluster_ip: &str, backends: &[(u32, &str)]) -> (String, Any) {
         let msg = proto::ServiceState {
             namespace: "default".into(),
-            name: "web".into(),
+            name: name.into(),
             frontends: vec![proto::Frontend {
                 kind: proto::FrontendKind::ClusterIp as i32,
-                address: "10.96.0.10".into(),
+                address: cluster_ip.into(),
                 port: 80,
                 protocol: proto::Protocol::Tcp as i32,
                 port_name: String::new(),
                 target_port: 8080,
+                announcer: String::new(),
             }],
             algorithm: proto::Algorithm::Maglev as i32,
             hash_source_address_only: false,
@@ -485,14 +673,14 @@ mod tests {
             }),
         };
         (
-            "service/default/web".into(),
+            format!("service/default/{name}"),
             Any::from_msg(&msg).expect("encode"),
         )
     }
 
     #[test]
     fn a_cluster_ip_service_programs_its_frontend_backends_and_maglev_table() {
-        let mut sink = LbSink::new(FakeMaps::default());
+        let mut sink = LbSink::new("node-1", FakeMaps::default());
         let state = BTreeMap::from([service(&[(1, "10.244.1.5"), (2, "10.244.2.7")])]);
         sink.reconcile(&state).expect("reconcile");
         let maps = sink.maps();
@@ -509,7 +697,7 @@ mod tests {
 
     #[test]
     fn a_removed_backend_leaves_the_table_and_the_backend_map_and_a_removed_service_everything() {
-        let mut sink = LbSink::new(FakeMaps::default());
+        let mut sink = LbSink::new("node-1", FakeMaps::default());
         sink.reconcile(&BTreeMap::from([service(&[
             (1, "10.244.1.5"),
             (2, "10.244.2.7"),
@@ -520,8 +708,72 @@ mod tests {
         let maps = sink.maps();
         assert!(maps.tables.values().all(|t| t.iter().all(|id| *id == 1)));
         assert_eq!(maps.backends.keys().copied().collect::<Vec<_>>(), vec![1]);
+        drop(maps);
         sink.reconcile(&BTreeMap::new()).expect("reconcile");
         let maps = sink.maps();
         assert!(maps.services.is_empty() && maps.tables.is_empty() && maps.backends.is_empty());
+    }
+
+    #[test]
+    fn a_change_to_one_service_rewrites_only_that_service_and_the_view_reads_the_maps_back() {
+        let mut sink = LbSink::new("node-1", FakeMaps::default());
+        let web = service(&[(1, "10.244.1.5"), (2, "10.244.2.7")]);
+        let db = named("db", "10.96.0.11", &[(3, "10.244.1.9")]);
+        sink.reconcile(&BTreeMap::from([web.clone(), db.clone()]))
+            .expect("reconcile");
+        let before = sink.maps().writes;
+        sink.reconcile(&BTreeMap::from([web.clone(), db.clone()]))
+            .expect("reconcile");
+        assert_eq!(sink.maps().writes, before, "nothing changed, nothing written");
+        let db2 = named("db", "10.96.0.11", &[(3, "10.244.1.9"), (4, "10.244.2.3")]);
+        sink.reconcile(&BTreeMap::from([web, db2])).expect("reconcile");
+        // One backend and one table: the web service is not touched.
+        assert_eq!(sink.maps().writes, before + 2);
+        let table = sink
+            .view()
+            .table("default/db")
+            .expect("read")
+            .expect("programmed");
+        assert_eq!(table.slots.len(), 251);
+        let owners: BTreeSet<Ipv4Addr> = table.slots.iter().copied().collect();
+        assert_eq!(
+            owners,
+            BTreeSet::from([Ipv4Addr::new(10, 244, 1, 9), Ipv4Addr::new(10, 244, 2, 3)])
+        );
+        assert_eq!(sink.view().table("default/nope").expect("read"), None);
+    }
+
+    #[test]
+    fn leftovers_of_a_previous_agent_are_removed_on_the_first_apply() {
+        let mut maps = FakeMaps::default();
+        let stale = LbFrontend {
+            address: Ipv4Addr::new(10, 96, 9, 9),
+            port: 53,
+            protocol: LbProtocol::Udp,
+        };
+        maps.services.insert(
+            stale,
+            LbService {
+                service_id: 40,
+                algorithm: LbAlgorithm::Random,
+                target_port: 53,
+                hash_source_address_only: false,
+            },
+        );
+        maps.tables.insert(40, vec![9]);
+        maps.backends.insert(
+            9,
+            LbBackend {
+                address: Ipv4Addr::new(10, 244, 9, 9),
+                port: 0,
+            },
+        );
+        let mut sink = LbSink::new("node-1", maps);
+        sink.reconcile(&BTreeMap::from([service(&[(1, "10.244.1.5")])]))
+            .expect("reconcile");
+        let maps = sink.maps();
+        assert!(!maps.services.contains_key(&stale));
+        assert!(!maps.tables.contains_key(&40));
+        assert_eq!(maps.backends.keys().copied().collect::<Vec<_>>(), vec![1]);
     }
 }

@@ -55,6 +55,7 @@ fn service(with_node_port: bool) -> BTreeMap<String, Any> {
         protocol: proto::Protocol::Tcp as i32,
         port_name: String::new(),
         target_port: u32::from(TARGET_PORT),
+        announcer: String::new(),
     }];
     if with_node_port {
         frontends.push(proto::Frontend {
@@ -64,6 +65,7 @@ fn service(with_node_port: bool) -> BTreeMap<String, Any> {
             protocol: proto::Protocol::Tcp as i32,
             port_name: String::new(),
             target_port: u32::from(TARGET_PORT),
+            announcer: String::new(),
         });
     }
     let msg = proto::ServiceState {
@@ -108,7 +110,7 @@ fn node(addr: Ipv4Addr, local: Ipv4Addr, with_node_port: bool) -> Node {
     };
     dp.upsert_endpoint(local, &info).expect("endpoint");
     let sock = SockLb::load(pins.path()).expect("load bpf_sock");
-    let mut sink = LbSink::new(sock);
+    let mut sink = LbSink::new("node-1", sock);
     sink.reconcile(&service(with_node_port)).expect("reconcile");
     Node {
         dp,

@@ -96,11 +96,45 @@ pub struct UpArgs {
     /// Seconds to wait for every component to report healthy.
     #[arg(long, env = "MEMBRANE_UP_TIMEOUT", default_value_t = 60)]
     pub timeout: u64,
+    /// Service load-balancing algorithm for services without the
+    /// `service.membrane.io/lb-algorithm` annotation: `random` or `maglev`.
+    #[arg(long, env = "MEMBRANE_UP_LB_ALGORITHM", default_value = "maglev", value_parser = ["random", "maglev"])]
+    pub lb_algorithm: String,
+    /// Maglev table size M, one of the primes 251 … 131071 (see `membrane-lb --help`).
+    #[arg(long, env = "MEMBRANE_UP_MAGLEV_TABLE_SIZE", default_value_t = membrane_lb::maglev::DEFAULT_TABLE_SIZE)]
+    pub maglev_table_size: u32,
+    /// Maglev seed: base64 of exactly 12 bytes. Unset: the lb service
+    /// generates one on first start and keeps it in etcd.
+    #[arg(long, env = "MEMBRANE_UP_MAGLEV_SEED")]
+    pub maglev_seed: Option<String>,
+    /// Pool LoadBalancer addresses come from (inside the underlay CIDR, so
+    /// `external` reaches them through any node).
+    #[arg(long, env = "MEMBRANE_UP_LB_POOL", default_value = "10.99.0.128/27")]
+    pub lb_pool: Ipv4Net,
+}
+
+impl UpArgs {
+    /// Rejects load-balancing settings the lb service would refuse, before
+    /// anything is started or changed.
+    fn validate_lb(&self) -> anyhow::Result<()> {
+        membrane_lb::maglev::TableSize::new("--maglev-table-size", self.maglev_table_size.into())?;
+        if let Some(seed) = &self.maglev_seed {
+            membrane_lb::maglev::Seed::from_base64("--maglev-seed", seed)?;
+        }
+        anyhow::ensure!(
+            self.underlay_cidr.contains(&self.lb_pool),
+            "--lb-pool: {} is not inside the underlay {}",
+            self.lb_pool,
+            self.underlay_cidr
+        );
+        Ok(())
+    }
 }
 
 /// `membrane up`: starts a local cluster (or reports the running one), then
 /// either returns (`--detach`) or stays until Ctrl-C/SIGTERM and tears down.
 pub async fn up_command(state_dir: &Path, args: UpArgs) -> anyhow::Result<()> {
+    args.validate_lb()?;
     let plan = Plan::new(
         args.nodes,
         args.underlay_cidr,
@@ -391,6 +425,15 @@ async fn start(
         if spec.name == "lb" {
             // Nodes program services from the lb stream (socket-level load balancing).
             env.push(("MEMBRANE_LB_PUBLISH".to_string(), "true".to_string()));
+            env.push(("MEMBRANE_LB_ALGORITHM".to_string(), args.lb_algorithm.clone()));
+            env.push((
+                "MEMBRANE_LB_MAGLEV_TABLE_SIZE".to_string(),
+                args.maglev_table_size.to_string(),
+            ));
+            env.push(("MEMBRANE_LB_POOL".to_string(), args.lb_pool.to_string()));
+            if let Some(seed) = &args.maglev_seed {
+                env.push(("MEMBRANE_LB_MAGLEV_SEED".to_string(), seed.clone()));
+            }
         }
         if spec.name == "relay" {
             // The relay keeps the cluster's certificates from expiring.

@@ -1,6 +1,7 @@
 //! `membrane get services` and `membrane lb table SERVICE`.
 
 use membrane_proto::lb::v1 as lb;
+use anyhow::Context as _;
 use serde_json::json;
 
 use super::status_err;
@@ -18,22 +19,46 @@ fn frontend(f: &lb::Frontend) -> String {
     }
 }
 
-/// `membrane get services`: frontends, backends and algorithm of every service.
+/// `membrane get services`: frontends, backends and algorithm of every
+/// service, and which nodes have programmed its current state (a node's
+/// acknowledged version of the lb stream is at least the version that
+/// published the service).
 pub async fn get_services(ctx: &Ctx, format: Format) -> anyhow::Result<()> {
-    let services =
+    let resp =
         lb::load_balancer_client::LoadBalancerClient::new(ctx.service_channel("lb").await?)
             .list_services(lb::ListServicesRequest {})
             .await
             .map_err(|s| status_err("list services", s))?
-            .into_inner()
-            .services;
-    let items: Vec<_> = services
+            .into_inner();
+    let items: Vec<_> = resp
+        .services
         .iter()
         .map(|s| {
             let algorithm = match lb::Algorithm::try_from(s.algorithm) {
                 Ok(lb::Algorithm::Random) => "random",
                 _ => "maglev",
             };
+            let name = format!("{}/{}", s.namespace, s.name);
+            let version = resp.versions.get(&name).copied().unwrap_or(0);
+            let nodes: Vec<_> = resp
+                .nodes
+                .iter()
+                .map(|n| {
+                    json!({
+                        "node": n.node,
+                        "connected": n.connected,
+                        "ackedVersion": n.acked_version,
+                        "programmed": n.acked_version >= version,
+                        "nackedVersion": n.nacked_version,
+                        "nackReason": n.nack_reason,
+                    })
+                })
+                .collect();
+            let programmed = resp
+                .nodes
+                .iter()
+                .filter(|n| n.acked_version >= version)
+                .count();
             json!({
                 "namespace": s.namespace,
                 "name": s.name,
@@ -44,6 +69,9 @@ pub async fn get_services(ctx: &Ctx, format: Format) -> anyhow::Result<()> {
                 "sourceHashOnly": s.hash_source_address_only,
                 "affinityTimeoutSeconds": s.affinity_timeout_seconds,
                 "maglevTableSize": s.maglev.as_ref().map(|m| m.table_size).unwrap_or(0),
+                "version": version,
+                "nodes": nodes,
+                "programmed": format!("{programmed}/{}", resp.nodes.len()),
             })
         })
         .collect();
@@ -55,34 +83,95 @@ pub async fn get_services(ctx: &Ctx, format: Format) -> anyhow::Result<()> {
             ("FRONTENDS", "frontends"),
             ("BACKENDS", "backendCount"),
             ("ALGORITHM", "algorithm"),
+            ("VERSION", "version"),
+            ("PROGRAMMED", "programmed"),
         ],
         &items,
     )
 }
 
-/// `membrane lb table SERVICE`: the Maglev table (slot → backend address).
-/// Until nodes program tables, this is the table computed by the lb service
-/// from the published state (identical on every node by construction).
-pub async fn lb_table(ctx: &Ctx, service: &str, format: Format) -> anyhow::Result<()> {
-    let t = lb::load_balancer_client::LoadBalancerClient::new(ctx.service_channel("lb").await?)
-        .maglev_table(lb::MaglevTableRequest {
-            service: service.to_string(),
-            node: String::new(),
-        })
-        .await
-        .map_err(|s| status_err("maglev table", s))?
-        .into_inner();
+/// A table as either source reports it.
+struct TableView {
+    service: String,
+    node: String,
+    version: Option<u64>,
+    table_size: u32,
+    slots: Vec<String>,
+    slots_per_backend: std::collections::HashMap<String, u32>,
+}
+
+/// `membrane lb table SERVICE [--node NODE]`: the Maglev table (slot →
+/// backend address), read from `node`'s eBPF maps, or without a node as the
+/// lb service computes it from what it publishes.
+pub async fn lb_table(
+    ctx: &Ctx,
+    service: &str,
+    node: Option<&str>,
+    format: Format,
+) -> anyhow::Result<()> {
+    let t = match node {
+        Some(node) => {
+            let target = ctx
+                .nodes
+                .iter()
+                .find(|n| n.name == node)
+                .with_context(|| format!("node `{node}` is not part of this cluster"))?
+                .clone();
+            let r = membrane_proto::node::v1::node_client::NodeClient::new(
+                ctx.connect(&target).await?,
+            )
+            .service_table(membrane_proto::node::v1::ServiceTableRequest {
+                service: service.to_string(),
+            })
+            .await
+            .map_err(|s| status_err(&format!("service table on {node}"), s))?
+            .into_inner();
+            TableView {
+                service: r.service,
+                node: r.node,
+                version: Some(r.version),
+                table_size: r.table_size,
+                slots: r.slots,
+                slots_per_backend: r.slots_per_backend,
+            }
+        }
+        None => {
+            let r = lb::load_balancer_client::LoadBalancerClient::new(
+                ctx.service_channel("lb").await?,
+            )
+            .maglev_table(lb::MaglevTableRequest {
+                service: service.to_string(),
+                node: String::new(),
+            })
+            .await
+            .map_err(|s| status_err("maglev table", s))?
+            .into_inner();
+            TableView {
+                service: r.service,
+                node: String::new(),
+                version: None,
+                table_size: r.table_size,
+                slots: r.slots,
+                slots_per_backend: r.slots_per_backend,
+            }
+        }
+    };
     match format {
         Format::Table => {
+            let whence = match (&t.version, t.node.is_empty()) {
+                (Some(v), false) => format!("programmed on {} (lb stream version {v})", t.node),
+                _ => "computed by the lb service".to_string(),
+            };
             println!(
-                "service {}  M={}  slots owned per backend:",
+                "service {}  M={}  {whence}  slots owned per backend:",
                 t.service, t.table_size
             );
-            let rows: Vec<Vec<String>> = t
+            let mut rows: Vec<Vec<String>> = t
                 .slots_per_backend
                 .iter()
                 .map(|(a, n)| vec![a.clone(), n.to_string()])
                 .collect();
+            rows.sort();
             print!(
                 "{}",
                 output::table(&["BACKEND".to_string(), "SLOTS".to_string()], &rows)
@@ -91,7 +180,7 @@ pub async fn lb_table(ctx: &Ctx, service: &str, format: Format) -> anyhow::Resul
         }
         _ => output::print_value(
             format,
-            &json!({"service": t.service, "node": t.node, "tableSize": t.table_size, "slotsPerBackend": t.slots_per_backend, "slots": t.slots}),
+            &json!({"service": t.service, "node": t.node, "version": t.version, "tableSize": t.table_size, "slotsPerBackend": t.slots_per_backend, "slots": t.slots}),
         ),
     }
 }

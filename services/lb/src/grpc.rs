@@ -7,14 +7,14 @@ use std::net::Ipv4Addr;
 
 use membrane_proto::identity::v1 as idpb;
 use membrane_proto::lb::v1 as pb;
-use membrane_runtime::stream::StateSink;
+use membrane_runtime::stream::{Publisher, StateSink};
 use prost_types::Any;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use crate::maglev::{self, Seed, TableSize, Weighted};
 use crate::model::{Algorithm, Frontend, FrontendKind, Pod, Protocol, ServiceState};
-use crate::reconcile::States;
+use crate::reconcile::Published;
 
 // === encoding ===
 
@@ -26,6 +26,7 @@ fn frontend_to_proto(f: &Frontend) -> pb::Frontend {
         protocol,
         port_name,
         target_port,
+        announcer,
     } = f;
     pb::Frontend {
         kind: match kind {
@@ -42,6 +43,7 @@ fn frontend_to_proto(f: &Frontend) -> pb::Frontend {
         } as i32,
         port_name: port_name.clone(),
         target_port: (*target_port).into(),
+        announcer: announcer.clone().unwrap_or_default(),
     }
 }
 
@@ -125,15 +127,21 @@ pub fn maglev_inputs(s: &pb::ServiceState) -> Result<(Vec<Weighted>, Seed, Table
 /// `membrane.lb.v1.LoadBalancer`, answering from the reconciler's state.
 #[derive(Debug, Clone)]
 pub struct LbService {
-    states: watch::Receiver<States>,
+    published: watch::Receiver<Published>,
+    publisher: Publisher,
 }
 
 impl LbService {
-    /// Serves `states`.
+    /// Serves what the reconciler `published`, and the nodes' delivery
+    /// state as `publisher` tracks it.
     pub fn new(
-        states: watch::Receiver<States>,
+        published: watch::Receiver<Published>,
+        publisher: Publisher,
     ) -> pb::load_balancer_server::LoadBalancerServer<Self> {
-        pb::load_balancer_server::LoadBalancerServer::new(Self { states })
+        pb::load_balancer_server::LoadBalancerServer::new(Self {
+            published,
+            publisher,
+        })
     }
 }
 
@@ -143,8 +151,22 @@ impl pb::load_balancer_server::LoadBalancer for LbService {
         &self,
         _: Request<pb::ListServicesRequest>,
     ) -> Result<Response<pb::ListServicesResponse>, Status> {
-        let services = self.states.borrow().values().map(to_proto).collect();
-        Ok(Response::new(pb::ListServicesResponse { services }))
+        let (services, versions) = {
+            let p = self.published.borrow();
+            let services = p.states.values().map(to_proto).collect();
+            let versions = p
+                .versions
+                .iter()
+                .map(|(k, v)| (k.strip_prefix("service/").unwrap_or(k).to_string(), *v))
+                .collect();
+            (services, versions)
+        };
+        let nodes = self.publisher.subscriber_statuses();
+        Ok(Response::new(pb::ListServicesResponse {
+            services,
+            versions,
+            nodes,
+        }))
     }
 
     async fn maglev_table(
@@ -162,8 +184,9 @@ impl pb::load_balancer_server::LoadBalancer for LbService {
         }
         let key = crate::reconcile::resource_key(ns, name);
         let state = self
-            .states
+            .published
             .borrow()
+            .states
             .get(&key)
             .map(to_proto)
             .ok_or_else(|| Status::not_found(format!("service `{ns}/{name}` not found")))?;

@@ -98,17 +98,17 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(lb.clone().watch_changes(changes_tx));
     let publisher = Publisher::new();
     membrane_runtime::metrics::register_publisher("lb", &publisher);
-    let (states_tx, states) = tokio::sync::watch::channel(reconcile::States::new());
+    let (published_tx, published) = tokio::sync::watch::channel(reconcile::Published::default());
     tokio::spawn(reconcile::run(
         lb.clone(),
         publisher.clone(),
         changes,
         pods,
-        states_tx,
+        published_tx,
     ));
 
     tracing::info!(addr = %addr, seed = %lb.seed().to_base64(), publish = args.publish, "membrane-lb serving");
-    let mut routes = tonic::service::Routes::new(grpc::LbService::new(states))
+    let mut routes = tonic::service::Routes::new(grpc::LbService::new(published, publisher.clone()))
         .add_service(ObjectsService::new(Arc::new(objects::LbObjects::new(lb))));
     if args.publish {
         routes = routes.add_service(publisher.service());

@@ -188,6 +188,10 @@ pub struct Frontend {
     pub port_name: String,
     /// Backend port.
     pub target_port: u16,
+    /// The node that announces the address on the underlay (answers ARP
+    /// for it): LoadBalancer and externalIPs frontends, once a node is
+    /// subscribed; see [`announcer`].
+    pub announcer: Option<String>,
 }
 
 /// One backend as published.
@@ -291,6 +295,7 @@ pub fn service_state(
                 protocol: p.protocol,
                 port_name: p.name.clone(),
                 target_port: target,
+                announcer: None,
             })
         };
         if let Some(ip) = svc.cluster_ip {
@@ -355,6 +360,43 @@ pub fn pick_free_node_port(used: &BTreeSet<u16>, random: u32) -> Option<u16> {
     (0..n)
         .map(|i| (lo + (start + i) % n) as u16)
         .find(|p| !used.contains(p))
+}
+
+/// The node among `nodes` that announces `address`: highest rendezvous
+/// score (FNV-1a over the address and the node name, mixed), so every
+/// replica picks the same node for the same set, and a node joining or
+/// leaving moves only the addresses it wins or held.
+pub fn announcer<'a>(address: Ipv4Addr, nodes: impl IntoIterator<Item = &'a String>) -> Option<&'a String> {
+    nodes
+        .into_iter()
+        .max_by_key(|n| (rendezvous_score(address, n), n.as_str()))
+}
+
+fn rendezvous_score(address: Ipv4Addr, node: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in address.octets().iter().chain(node.as_bytes()) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    // splitmix64's finalizer: FNV's low bits alone are poorly spread.
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+/// Sets the announcer of every LoadBalancer and externalIPs frontend of
+/// `state` from the subscribed `nodes`.
+pub fn assign_announcers(state: &mut ServiceState, nodes: &std::collections::BTreeSet<String>) {
+    for f in &mut state.frontends {
+        f.announcer = match (f.kind, f.address) {
+            (FrontendKind::LoadBalancer | FrontendKind::ExternalIp, Some(a)) => {
+                announcer(a, nodes).cloned()
+            }
+            _ => None,
+        };
+    }
 }
 
 #[cfg(test)]
@@ -469,5 +511,26 @@ mod tests {
         let ports: BTreeSet<u16> = NODE_PORT_RANGE.collect();
         assert_eq!(pick_free_node_port(&ports, 1), None);
         assert_eq!(pick_free_node_port(&BTreeSet::new(), 0), Some(30000));
+    }
+
+    #[test]
+    fn one_node_announces_each_address_and_a_leaving_node_moves_only_its_own() {
+        let three: BTreeSet<String> = ["node-1", "node-2", "node-3"].map(String::from).into();
+        let addrs: Vec<Ipv4Addr> = (1..=60).map(|i| Ipv4Addr::new(10, 99, 0, i)).collect();
+        let before: Vec<&String> = addrs
+            .iter()
+            .map(|a| announcer(*a, &three).expect("a node"))
+            .collect();
+        for n in &three {
+            assert!(before.contains(&n), "{n} announces nothing of 60");
+        }
+        let two: BTreeSet<String> = ["node-1", "node-3"].map(String::from).into();
+        for (a, old) in addrs.iter().zip(&before) {
+            let new = announcer(*a, &two).expect("a node");
+            if *old != "node-2" {
+                assert_eq!(new, *old, "{a} moved though its node stayed");
+            }
+        }
+        assert_eq!(announcer(addrs[0], &BTreeSet::new()), None);
     }
 }

@@ -16,6 +16,15 @@ use crate::store::{LbStore, Snapshot};
 /// The published services by resource key, for the gRPC API.
 pub type States = BTreeMap<String, ServiceState>;
 
+/// What the reconciler last published, for the gRPC API.
+#[derive(Debug, Clone, Default)]
+pub struct Published {
+    /// Every service's state by resource key.
+    pub states: States,
+    /// The stream version that published each service's current state.
+    pub versions: BTreeMap<String, u64>,
+}
+
 /// The resource key of a service.
 pub fn resource_key(ns: &str, name: &str) -> String {
     format!("service/{ns}/{name}")
@@ -72,28 +81,38 @@ pub fn publish_diff(publisher: &Publisher, old: &States, new: &States) -> bool {
 }
 
 /// Runs the reconciler until both inputs close: `changes` ticks on every
-/// stored change, `pods` carries the current pods.
+/// stored change, `pods` carries the current pods; the nodes subscribed to
+/// `publisher` decide who announces LoadBalancer and external addresses.
 pub async fn run(
     store: LbStore,
     publisher: Publisher,
     mut changes: watch::Receiver<i64>,
     mut pods: watch::Receiver<Vec<Pod>>,
-    states: watch::Sender<States>,
+    published: watch::Sender<Published>,
 ) {
+    let mut nodes = publisher.connected_nodes();
     loop {
         changes.borrow_and_update();
         let current_pods = pods.borrow_and_update().clone();
+        let current_nodes = nodes.borrow_and_update().clone();
         match pass(&store, &current_pods).await {
-            Ok(new) => {
-                let old = states.borrow().clone();
-                if publish_diff(&publisher, &old, &new) {
-                    tracing::debug!(
-                        services = new.len(),
-                        version = publisher.version(),
-                        "published"
-                    );
+            Ok(mut new) => {
+                for st in new.values_mut() {
+                    model::assign_announcers(st, &current_nodes);
                 }
-                states.send_replace(new);
+                published.send_modify(|p| {
+                    if publish_diff(&publisher, &p.states, &new) {
+                        let version = publisher.version();
+                        tracing::debug!(services = new.len(), version, "published");
+                        for (k, v) in &new {
+                            if p.states.get(k) != Some(v) {
+                                p.versions.insert(k.clone(), version);
+                            }
+                        }
+                        p.versions.retain(|k, _| new.contains_key(k));
+                    }
+                    p.states = new;
+                });
             }
             Err(e) => {
                 tracing::warn!(error = %e, "reconcile failed; retrying");
@@ -104,6 +123,8 @@ pub async fn run(
         tokio::select! {
             r = changes.changed() => if r.is_err() && pods.has_changed().is_err() { return },
             r = pods.changed() => if r.is_err() && changes.has_changed().is_err() { return },
+            // The publisher lives as long as this task holds it.
+            _ = nodes.changed() => {}
         }
     }
 }

@@ -1,6 +1,6 @@
 //! The publisher half of the desired-state stream.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -9,7 +9,7 @@ use futures::Stream;
 use membrane_proto::stream::v1 as pb;
 use pb::desired_state_server::DesiredState;
 use prost_types::Any;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::SNAPSHOT_CHUNK;
@@ -88,6 +88,8 @@ struct State {
 pub struct Publisher {
     state: Arc<Mutex<State>>,
     tx: broadcast::Sender<Arc<Delta>>,
+    /// Names of the nodes with an open stream.
+    connected_tx: Arc<watch::Sender<BTreeSet<String>>>,
 }
 
 impl Default for Publisher {
@@ -103,6 +105,7 @@ impl Publisher {
         Self {
             state: Arc::default(),
             tx,
+            connected_tx: Arc::new(watch::Sender::new(BTreeSet::new())),
         }
     }
 
@@ -198,6 +201,40 @@ impl Publisher {
         let _ = self.tx.send(Arc::new(delta));
     }
 
+    /// The names of the nodes with an open stream to this replica, as they
+    /// change.
+    pub fn connected_nodes(&self) -> watch::Receiver<BTreeSet<String>> {
+        self.connected_tx.subscribe()
+    }
+
+    fn publish_connected(&self, st: &State) {
+        let now: BTreeSet<String> = st
+            .nodes
+            .iter()
+            .filter(|(_, d)| d.connected)
+            .map(|(n, _)| n.clone())
+            .collect();
+        self.connected_tx.send_if_modified(|old| {
+            let changed = *old != now;
+            *old = now;
+            changed
+        });
+    }
+
+    /// [`Self::deliveries`] as the stream API reports them, sorted by node.
+    pub fn subscriber_statuses(&self) -> Vec<pb::SubscriberStatus> {
+        self.deliveries()
+            .into_iter()
+            .map(|(node, d)| pb::SubscriberStatus {
+                node,
+                connected: d.connected,
+                acked_version: d.acked_version,
+                nacked_version: d.nacked_version,
+                nack_reason: d.nack_reason,
+            })
+            .collect()
+    }
+
     /// The delivery state of every node that subscribed to this replica.
     pub fn deliveries(&self) -> BTreeMap<String, NodeDelivery> {
         self.lock().nodes.clone()
@@ -229,14 +266,17 @@ impl Publisher {
         let entry = st.nodes.entry(node.to_string()).or_default();
         entry.connected = true;
         entry.stream_id = id;
+        self.publish_connected(&st);
         id
     }
 
     fn disconnected(&self, node: &str, stream_id: u64) {
-        if let Some(entry) = self.lock().nodes.get_mut(node) {
-            if entry.stream_id == stream_id {
-                entry.connected = false;
-            }
+        let mut st = self.lock();
+        if let Some(entry) = st.nodes.get_mut(node)
+            && entry.stream_id == stream_id
+        {
+            entry.connected = false;
+            self.publish_connected(&st);
         }
     }
 
@@ -309,18 +349,7 @@ impl DesiredState for PublisherService {
         &self,
         _request: Request<pb::SubscribersRequest>,
     ) -> Result<Response<pb::SubscribersResponse>, Status> {
-        let nodes = self
-            .publisher
-            .deliveries()
-            .into_iter()
-            .map(|(node, d)| pb::SubscriberStatus {
-                node,
-                connected: d.connected,
-                acked_version: d.acked_version,
-                nacked_version: d.nacked_version,
-                nack_reason: d.nack_reason,
-            })
-            .collect();
+        let nodes = self.publisher.subscriber_statuses();
         Ok(Response::new(pb::SubscribersResponse {
             current_version: self.publisher.version(),
             nodes,
