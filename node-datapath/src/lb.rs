@@ -10,7 +10,9 @@
 //! backends' ports (`mb_lb_be_ports`). Same tables and backends for both. For `maglev` the table is built on the node with
 //! `membrane_lb::maglev` from what the service published (backends, weights,
 //! seed, M): a pure function, so every node programs the same table. For
-//! `random` the table is the backends of weight > 0.
+//! `random` the table is the backends of weight > 0. ClientIP session
+//! affinity (`affinity_timeout_seconds`) goes with every frontend of the
+//! service; the datapath keeps the per-client choice (`mb_lb_affinity`).
 //!
 //! Service ids (the key of a service's table) are local to this agent and
 //! assigned in order of first sight; a restarted agent re-assigns them and
@@ -320,6 +322,7 @@ fn want(key: &str, id: u32, svc: &proto::ServiceState) -> Result<Wanted, String>
                 algorithm,
                 target_port: if target == 0 { port } else { target },
                 hash_source_address_only: svc.hash_source_address_only,
+                affinity_timeout_secs: svc.affinity_timeout_seconds,
             },
         ));
     }
@@ -456,6 +459,10 @@ mod tests {
     }
 
     fn service(backends: &[(u32, &str)]) -> (String, Any) {
+        service_with_affinity(backends, 0)
+    }
+
+    fn service_with_affinity(backends: &[(u32, &str)], timeout_secs: u32) -> (String, Any) {
         let msg = proto::ServiceState {
             namespace: "default".into(),
             name: "web".into(),
@@ -469,7 +476,7 @@ mod tests {
             }],
             algorithm: proto::Algorithm::Maglev as i32,
             hash_source_address_only: false,
-            affinity_timeout_seconds: 0,
+            affinity_timeout_seconds: timeout_secs,
             backends: backends
                 .iter()
                 .map(|(id, a)| proto::Backend {
@@ -505,6 +512,25 @@ mod tests {
         assert_eq!(table.len(), 251);
         assert!(table.contains(&1) && table.contains(&2));
         assert_eq!(maps.backends.len(), 2);
+    }
+
+    #[test]
+    fn a_client_ip_affinity_timeout_is_programmed_on_the_frontend_and_zero_means_none() {
+        let mut sink = LbSink::new(FakeMaps::default());
+        let backends = [(1, "10.244.1.5")];
+        sink.reconcile(&BTreeMap::from([service_with_affinity(&backends, 10800)]))
+            .expect("reconcile");
+        let timeouts = |sink: &LbSink<FakeMaps>| {
+            sink.maps()
+                .services
+                .values()
+                .map(|s| s.affinity_timeout_secs)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(timeouts(&sink), [10800]);
+        sink.reconcile(&BTreeMap::from([service(&backends)]))
+            .expect("reconcile");
+        assert_eq!(timeouts(&sink), [0]);
     }
 
     #[test]
