@@ -7,9 +7,17 @@
  *
  * connect4 (TCP, connected UDP): service (address, port, protocol) ->
  * backend, by the service's algorithm; rewrites the connect() destination.
- * sendmsg4 (unconnected UDP): the same per datagram, and records the
- * translation per socket so that recvmsg4 shows replies as coming from the
- * frontend.
+ * sendmsg4 (unconnected UDP): the same per datagram. Both record the
+ * translation per socket (mb_lb_revnat, keyed by the socket cookie), so
+ * that getpeername4 reports the frontend (ClusterIP:port) as the peer of a
+ * connected socket and recvmsg4 shows replies as coming from it: the
+ * application only ever sees the address it connected to.
+ *
+ * Session affinity (sessionAffinity: ClientIP): the client is the pod, i.e.
+ * the network namespace of the socket (bpf_get_netns_cookie); a service with
+ * a timeout sends every new connection of a pod to the backend its previous
+ * one got, while that backend is still in the service's table
+ * (lib/lb.h, lb_select_backend).
  *
  * Maglev at connect time: the flow hash wants the source port, but a socket
  * that was not bound yet has none (the kernel picks it after this hook).
@@ -53,17 +61,8 @@ static __always_inline int lb4_translate(struct bpf_sock_addr *ctx, __u8 proto,
 	struct lb_service *svc = bpf_map_lookup_elem(&mb_lb_services, &key);
 	if (!svc)
 		return LB_NOT_SERVICE;
-	__u32 id = svc->service_id;
-	void *table = bpf_map_lookup_elem(&mb_lb_tables, &id);
-	if (!table)
-		return LB_NO_BACKEND;
-	__u32 zero = 0;
-	__u32 *countp = bpf_map_lookup_elem(table, &zero);
-	if (!countp || *countp == 0)
-		return LB_NO_BACKEND;
-	__u32 count = *countp;
 
-	__u32 slot;
+	__u32 hash;
 	if (svc->algorithm == LB_ALG_MAGLEV) {
 		struct bpf_sock *sk = ctx->sk;
 		__u32 sport = 0;
@@ -74,16 +73,16 @@ static __always_inline int lb4_translate(struct bpf_sock_addr *ctx, __u8 proto,
 		}
 		if (sport == 0)
 			sport = bpf_get_prandom_u32(); /* see the file comment */
-		slot = lb_flow_hash(saddr, sport, key.port, proto, svc->flags) % count;
+		hash = lb_flow_hash(saddr, sport, key.port, proto, svc->flags);
 	} else {
-		slot = bpf_get_prandom_u32() % count;
+		hash = bpf_get_prandom_u32();
 	}
-	slot += 1; /* slot 0 holds the count */
-
-	__u32 *backend_id = bpf_map_lookup_elem(table, &slot);
-	if (!backend_id)
-		return LB_NO_BACKEND;
-	struct lb_backend *be = bpf_map_lookup_elem(&mb_lb_backends, backend_id);
+	struct lb_affinity_key pod = {
+		.client = bpf_get_netns_cookie(ctx),
+		.service_id = svc->service_id,
+		.kind = LB_AFFINITY_NETNS,
+	};
+	struct lb_backend *be = lb_select_backend(svc, hash, &pod);
 	if (!be)
 		return LB_NO_BACKEND;
 
@@ -97,6 +96,32 @@ static __always_inline int lb4_translate(struct bpf_sock_addr *ctx, __u8 proto,
 	ctx->user_ip4 = be->address;
 	ctx->user_port = port;
 	return LB_TRANSLATED;
+}
+
+/* Remembers, for this socket, that the backend now in ctx stands for frontend. */
+static __always_inline void lb4_remember(struct bpf_sock_addr *ctx, const struct lb_revnat *frontend)
+{
+	struct lb_revnat_key rk = {
+		.cookie = bpf_get_socket_cookie(ctx),
+		.address = ctx->user_ip4,
+		.port = (__be16)ctx->user_port,
+	};
+	bpf_map_update_elem(&mb_lb_revnat, &rk, frontend, BPF_ANY);
+}
+
+/* A backend address this socket got from a translation shown as its frontend. */
+static __always_inline void lb4_reverse(struct bpf_sock_addr *ctx)
+{
+	struct lb_revnat_key rk = {
+		.cookie = bpf_get_socket_cookie(ctx),
+		.address = ctx->user_ip4,
+		.port = (__be16)ctx->user_port,
+	};
+	struct lb_revnat *fe = bpf_map_lookup_elem(&mb_lb_revnat, &rk);
+	if (fe) {
+		ctx->user_ip4 = fe->address;
+		ctx->user_port = fe->port;
+	}
 }
 
 static __always_inline __u8 sock_proto(struct bpf_sock_addr *ctx)
@@ -121,9 +146,15 @@ int sock4_connect(struct bpf_sock_addr *ctx)
 	struct lb_revnat frontend = {};
 	if (!proto)
 		return SYS_PROCEED;
-	if (lb4_translate(ctx, proto, &frontend) == LB_NO_BACKEND)
+	switch (lb4_translate(ctx, proto, &frontend)) {
+	case LB_NO_BACKEND:
 		return reject();
-	return SYS_PROCEED;
+	case LB_TRANSLATED:
+		lb4_remember(ctx, &frontend);
+		return SYS_PROCEED;
+	default:
+		return SYS_PROCEED;
+	}
 }
 
 SEC("cgroup/sendmsg4")
@@ -135,15 +166,9 @@ int sock4_sendmsg(struct bpf_sock_addr *ctx)
 	switch (lb4_translate(ctx, IPPROTO_UDP, &frontend)) {
 	case LB_NO_BACKEND:
 		return reject();
-	case LB_TRANSLATED: {
-		struct lb_revnat_key rk = {
-			.cookie = bpf_get_socket_cookie(ctx),
-			.address = ctx->user_ip4,
-			.port = (__be16)ctx->user_port,
-		};
-		bpf_map_update_elem(&mb_lb_revnat, &rk, &frontend, BPF_ANY);
+	case LB_TRANSLATED:
+		lb4_remember(ctx, &frontend);
 		return SYS_PROCEED;
-	}
 	default:
 		return SYS_PROCEED;
 	}
@@ -152,17 +177,15 @@ int sock4_sendmsg(struct bpf_sock_addr *ctx)
 SEC("cgroup/recvmsg4")
 int sock4_recvmsg(struct bpf_sock_addr *ctx)
 {
-	if (sock_proto(ctx) != IPPROTO_UDP)
-		return SYS_PROCEED;
-	struct lb_revnat_key rk = {
-		.cookie = bpf_get_socket_cookie(ctx),
-		.address = ctx->user_ip4,
-		.port = (__be16)ctx->user_port,
-	};
-	struct lb_revnat *fe = bpf_map_lookup_elem(&mb_lb_revnat, &rk);
-	if (fe) {
-		ctx->user_ip4 = fe->address;
-		ctx->user_port = fe->port;
-	}
+	if (sock_proto(ctx) == IPPROTO_UDP)
+		lb4_reverse(ctx);
 	return SYS_PROCEED; /* recvmsg4 must return 1 */
+}
+
+SEC("cgroup/getpeername4")
+int sock4_getpeername(struct bpf_sock_addr *ctx)
+{
+	if (sock_proto(ctx))
+		lb4_reverse(ctx);
+	return SYS_PROCEED; /* getpeername4 must return 1 */
 }

@@ -624,12 +624,11 @@ impl EndpointManager {
         if netlink::link(&r.host_ifname).is_some() {
             netlink::ip(&["link", "del", &r.host_ifname])?;
         }
-        if let Some(c) = &self.identity {
-            if let Err(s) = c.delete_endpoint(r.ip).await {
-                if s.code() != tonic::Code::NotFound {
-                    return Err(EndpointError::Identity(s));
-                }
-            }
+        if let Some(c) = &self.identity
+            && let Err(s) = c.delete_endpoint(r.ip).await
+            && s.code() != tonic::Code::NotFound
+        {
+            return Err(EndpointError::Identity(s));
         }
         self.release(r.ip).await?;
         self.forget(container_id, ifname);

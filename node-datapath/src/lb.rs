@@ -10,7 +10,9 @@
 //! backends' ports (`mb_lb_be_ports`). Same tables and backends for both. For `maglev` the table is built on the node with
 //! `membrane_lb::maglev` from what the service published (backends, weights,
 //! seed, M): a pure function, so every node programs the same table. For
-//! `random` the table is the backends of weight > 0.
+//! `random` the table is the backends of weight > 0. ClientIP session
+//! affinity (`affinity_timeout_seconds`) goes with every frontend of the
+//! service; the datapath keeps the per-client choice (`mb_lb_affinity`).
 //!
 //! Service ids (the key of a service's table) are local to this agent and
 //! assigned in order of first sight; a restarted agent re-assigns them and
@@ -510,6 +512,7 @@ fn want(key: &str, id: u32, svc: &proto::ServiceState) -> Result<Wanted, String>
                 algorithm,
                 target_port: if target == 0 { port } else { target },
                 hash_source_address_only: svc.hash_source_address_only,
+                affinity_timeout_secs: svc.affinity_timeout_seconds,
             },
         ));
     }
@@ -639,10 +642,19 @@ mod tests {
     }
 
     fn service(backends: &[(u32, &str)]) -> (String, Any) {
-        named("web", "10.96.0.10", backends)
+        named("web", "10.96.0.10", backends, 0)
     }
 
-    fn named(name: &str, cluster_ip: &str, backends: &[(u32, &str)]) -> (String, Any) {
+    fn service_with_affinity(backends: &[(u32, &str)], timeout_secs: u32) -> (String, Any) {
+        named("web", "10.96.0.10", backends, timeout_secs)
+    }
+
+    fn named(
+        name: &str,
+        cluster_ip: &str,
+        backends: &[(u32, &str)],
+        timeout_secs: u32,
+    ) -> (String, Any) {
         let msg = proto::ServiceState {
             namespace: "default".into(),
             name: name.into(),
@@ -657,7 +669,7 @@ mod tests {
             }],
             algorithm: proto::Algorithm::Maglev as i32,
             hash_source_address_only: false,
-            affinity_timeout_seconds: 0,
+            affinity_timeout_seconds: timeout_secs,
             backends: backends
                 .iter()
                 .map(|(id, a)| proto::Backend {
@@ -696,6 +708,25 @@ mod tests {
     }
 
     #[test]
+    fn a_client_ip_affinity_timeout_is_programmed_on_the_frontend_and_zero_means_none() {
+        let mut sink = LbSink::new("node-1", FakeMaps::default());
+        let backends = [(1, "10.244.1.5")];
+        sink.reconcile(&BTreeMap::from([service_with_affinity(&backends, 10800)]))
+            .expect("reconcile");
+        let timeouts = |sink: &LbSink<FakeMaps>| {
+            sink.maps()
+                .services
+                .values()
+                .map(|s| s.affinity_timeout_secs)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(timeouts(&sink), [10800]);
+        sink.reconcile(&BTreeMap::from([service(&backends)]))
+            .expect("reconcile");
+        assert_eq!(timeouts(&sink), [0]);
+    }
+
+    #[test]
     fn a_removed_backend_leaves_the_table_and_the_backend_map_and_a_removed_service_everything() {
         let mut sink = LbSink::new("node-1", FakeMaps::default());
         sink.reconcile(&BTreeMap::from([service(&[
@@ -718,14 +749,14 @@ mod tests {
     fn a_change_to_one_service_rewrites_only_that_service_and_the_view_reads_the_maps_back() {
         let mut sink = LbSink::new("node-1", FakeMaps::default());
         let web = service(&[(1, "10.244.1.5"), (2, "10.244.2.7")]);
-        let db = named("db", "10.96.0.11", &[(3, "10.244.1.9")]);
+        let db = named("db", "10.96.0.11", &[(3, "10.244.1.9")], 0);
         sink.reconcile(&BTreeMap::from([web.clone(), db.clone()]))
             .expect("reconcile");
         let before = sink.maps().writes;
         sink.reconcile(&BTreeMap::from([web.clone(), db.clone()]))
             .expect("reconcile");
         assert_eq!(sink.maps().writes, before, "nothing changed, nothing written");
-        let db2 = named("db", "10.96.0.11", &[(3, "10.244.1.9"), (4, "10.244.2.3")]);
+        let db2 = named("db", "10.96.0.11", &[(3, "10.244.1.9"), (4, "10.244.2.3")], 0);
         sink.reconcile(&BTreeMap::from([web, db2])).expect("reconcile");
         // One backend and one table: the web service is not touched.
         assert_eq!(sink.maps().writes, before + 2);
@@ -758,6 +789,7 @@ mod tests {
                 algorithm: LbAlgorithm::Random,
                 target_port: 53,
                 hash_source_address_only: false,
+                affinity_timeout_secs: 0,
             },
         );
         maps.tables.insert(40, vec![9]);

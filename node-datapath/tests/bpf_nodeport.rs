@@ -48,6 +48,16 @@ struct Node {
 }
 
 fn service(with_node_port: bool) -> BTreeMap<String, Any> {
+    service_with(with_node_port, proto::Algorithm::Maglev, 0)
+}
+
+/// The service with a NodePort (or without), `algorithm` and a ClientIP
+/// affinity timeout (0: none).
+fn service_with(
+    with_node_port: bool,
+    algorithm: proto::Algorithm,
+    affinity_timeout_seconds: u32,
+) -> BTreeMap<String, Any> {
     let mut frontends = vec![proto::Frontend {
         kind: proto::FrontendKind::ClusterIp as i32,
         address: "10.96.0.10".into(),
@@ -72,9 +82,9 @@ fn service(with_node_port: bool) -> BTreeMap<String, Any> {
         namespace: "default".into(),
         name: "web".into(),
         frontends,
-        algorithm: proto::Algorithm::Maglev as i32,
+        algorithm: algorithm as i32,
         hash_source_address_only: false,
-        affinity_timeout_seconds: 0,
+        affinity_timeout_seconds,
         backends: [(1, POD_1), (2, POD_2)]
             .iter()
             .map(|(id, a)| proto::Backend {
@@ -97,6 +107,11 @@ fn service(with_node_port: bool) -> BTreeMap<String, Any> {
 
 /// A node with `local` as its one local pod, the service programmed.
 fn node(addr: Ipv4Addr, local: Ipv4Addr, with_node_port: bool) -> Node {
+    node_with(addr, local, &service(with_node_port))
+}
+
+/// A node with `local` as its one local pod and `state` programmed.
+fn node_with(addr: Ipv4Addr, local: Ipv4Addr, state: &BTreeMap<String, Any>) -> Node {
     let pins = PinDir::new();
     let mut dp = Datapath::load(pins.path(), &ALL_ON).expect("load datapath");
     dp.set_node_address(addr).expect("node address");
@@ -111,7 +126,7 @@ fn node(addr: Ipv4Addr, local: Ipv4Addr, with_node_port: bool) -> Node {
     dp.upsert_endpoint(local, &info).expect("endpoint");
     let sock = SockLb::load(pins.path()).expect("load bpf_sock");
     let mut sink = LbSink::new("node-1", sock);
-    sink.reconcile(&service(with_node_port)).expect("reconcile");
+    sink.reconcile(state).expect("reconcile");
     Node {
         dp,
         _sink: sink,
@@ -167,6 +182,14 @@ fn assert_checksums(f: &[u8]) {
 
 fn client_syn(to: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
     frame(CLIENT_MAC, UNDERLAY_MAC, CLIENT, to, sport, dport)
+}
+
+/// The backend node-1 DNATs a new flow from `client`:`sport` to.
+fn nodeport_backend(n: &Node, client: Ipv4Addr, sport: u16) -> Ipv4Addr {
+    let syn = frame(CLIENT_MAC, UNDERLAY_MAC, client, NODE_1, sport, NODE_PORT);
+    let out = n.dp.test_run(Hook::Host, &syn).expect("run");
+    assert_eq!(out.verdict, TcVerdict::Redirect, "{client}:{sport}");
+    addrs(&out.packet).1
 }
 
 #[test]
@@ -326,4 +349,43 @@ fn on_the_backends_node_replies_to_a_request_another_node_snated_bypass_the_stac
     let out = n2.dp.test_run(Hook::Lxc, &reply).expect("run");
     assert_eq!(out.verdict, TcVerdict::Ok);
     assert_eq!(out.packet, reply);
+}
+
+#[test]
+fn nodeport_with_client_ip_affinity_sends_every_flow_of_a_client_to_one_backend() {
+    if !privileged("nodeport_with_client_ip_affinity_sends_every_flow_of_a_client_to_one_backend") {
+        return;
+    }
+    // Random: without affinity one client's flows spread over both backends.
+    let n1 = node_with(
+        NODE_1,
+        POD_1,
+        &service_with(true, proto::Algorithm::Random, 0),
+    );
+    let spread: std::collections::BTreeSet<_> = (40000..40064u16)
+        .map(|sport| nodeport_backend(&n1, CLIENT, sport))
+        .collect();
+    assert_eq!(spread.len(), 2, "random spreads: {spread:?}");
+
+    // With affinity (the client is its source address): one backend per
+    // client whatever its source port, and the clients spread.
+    let n1 = node_with(
+        NODE_1,
+        POD_1,
+        &service_with(true, proto::Algorithm::Random, 60),
+    );
+    let mut per_client = std::collections::BTreeSet::new();
+    for host in 1..=32u8 {
+        let client = Ipv4Addr::new(10, 99, 1, host);
+        let first = nodeport_backend(&n1, client, 40000);
+        for sport in 40001..40016u16 {
+            assert_eq!(
+                nodeport_backend(&n1, client, sport),
+                first,
+                "{client}:{sport}"
+            );
+        }
+        per_client.insert(first);
+    }
+    assert_eq!(per_client.len(), 2, "clients spread: {per_client:?}");
 }

@@ -176,25 +176,20 @@ static __always_inline struct lb_service *np_service(const struct pkt4 *p, __be3
 static __always_inline struct lb_backend *np_select(const struct pkt4 *p,
 						    const struct lb_service *svc)
 {
-	__u32 id = svc->service_id;
-	void *table = bpf_map_lookup_elem(&mb_lb_tables, &id);
-	__u32 zero = 0, slot;
+	/* ClientIP session affinity: here the client is the source address. */
+	struct lb_affinity_key client = {
+		.client = p->tuple.saddr,
+		.service_id = svc->service_id,
+		.kind = LB_AFFINITY_ADDR,
+	};
+	__u32 hash;
 
-	if (!table)
-		return NULL;
-	__u32 *countp = bpf_map_lookup_elem(table, &zero);
-	if (!countp || *countp == 0)
-		return NULL;
 	if (svc->algorithm == LB_ALG_MAGLEV)
-		slot = lb_flow_hash(p->tuple.saddr, bpf_ntohs(p->tuple.sport), p->tuple.dport,
-				    p->tuple.proto, svc->flags) % *countp;
+		hash = lb_flow_hash(p->tuple.saddr, bpf_ntohs(p->tuple.sport), p->tuple.dport,
+				    p->tuple.proto, svc->flags);
 	else
-		slot = bpf_get_prandom_u32() % *countp;
-	slot += 1;
-	__u32 *backend_id = bpf_map_lookup_elem(table, &slot);
-	if (!backend_id)
-		return NULL;
-	return bpf_map_lookup_elem(&mb_lb_backends, backend_id);
+		hash = bpf_get_prandom_u32();
+	return lb_select_backend(svc, hash, &client);
 }
 
 /*

@@ -774,6 +774,7 @@ const LB_SHARED_MAPS: &[&str] = &[
     "mb_lb_node",
     "mb_lb_nat4",
     "mb_lb_be_ports",
+    "mb_lb_affinity",
 ];
 
 fn load_object(

@@ -13,7 +13,8 @@
 //! - `features`: kernel feature probes.
 //! - `bpffs`: [`ensure_bpffs`].
 //! - `sock`: [`SockLb`]: socket-level service load balancing (`bpf_sock`,
-//!   cgroup connect4/sendmsg4/recvmsg4), its maps and pinned cgroup links.
+//!   cgroup connect4/sendmsg4/recvmsg4/getpeername4), its maps and pinned
+//!   cgroup links.
 //!
 //! Invariants:
 //! - Maps are pinned by name under `<pin_dir>/v<LAYOUT_VERSION>/`: both

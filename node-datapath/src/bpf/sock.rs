@@ -1,15 +1,17 @@
 // SPDX-License-Identifier: Apache-2.0
 //! Socket-level service load balancing: `bpf/bpf_sock.c` (cgroup
-//! connect4/sendmsg4/recvmsg4) and its maps (`bpf/lib/lb.h`).
+//! connect4/sendmsg4/recvmsg4/getpeername4) and its maps (`bpf/lib/lb.h`).
 //!
 //! [`SockLb`] loads the object (adopting the maps pinned under
 //! `<pin_dir>/lb/v<SOCK_LB_LAYOUT_VERSION>/`), attaches its programs to a
 //! cgroup v2 with pinned links (`<pin_dir>/links/sock_<hook>_<cgroup inode>`),
 //! so the hooks stay when the agent exits, and programs services, backends
 //! and per-service tables. A table (Maglev slots, or the backend list for
-//! `random`) is a new inner array swapped into `mb_lb_tables` in one update.
+//! `random`, followed by its sorted member list for session affinity) is a
+//! new inner array swapped into `mb_lb_tables` in one update.
 
 use std::{
+    collections::BTreeSet,
     fs, io,
     net::Ipv4Addr,
     os::unix::fs::MetadataExt as _,
@@ -27,7 +29,7 @@ use aya::{
 };
 
 /// Bump with `SOCK_LB_LAYOUT_VERSION` in `bpf/lib/lb.h`.
-pub const SOCK_LB_LAYOUT_VERSION: u32 = 1;
+pub const SOCK_LB_LAYOUT_VERSION: u32 = 2;
 
 /// `BPF_F_INNER_MAP`: inner arrays of different sizes share one template.
 const BPF_F_INNER_MAP: u32 = 1 << 12;
@@ -38,7 +40,12 @@ const LB_ALG_MAGLEV: u8 = 2;
 const LB_F_HASH_SADDR_ONLY: u8 = 0x1;
 
 /// The programs of `bpf_sock`, in attach order.
-const PROGRAMS: [&str; 3] = ["sock4_connect", "sock4_sendmsg", "sock4_recvmsg"];
+const PROGRAMS: [&str; 4] = [
+    "sock4_connect",
+    "sock4_sendmsg",
+    "sock4_recvmsg",
+    "sock4_getpeername",
+];
 
 // === ABI mirrors of bpf/lib/lb.h ===
 
@@ -58,6 +65,7 @@ struct ServiceValue {
     target_port: [u8; 2],
     algorithm: u8,
     flags: u8,
+    affinity_timeout: u32,
 }
 
 #[repr(C)]
@@ -128,6 +136,12 @@ pub struct LbService {
     pub target_port: u16,
     /// Maglev on the source address only (client stickiness).
     pub hash_source_address_only: bool,
+    /// ClientIP session affinity timeout in seconds (0: no affinity): a
+    /// client's new connections go to the backend its previous one got
+    /// while that was less than this long ago and the backend is still in
+    /// the table. The client is the pod (its network namespace) for the
+    /// socket hooks, the source address for external frontends at tc.
+    pub affinity_timeout_secs: u32,
 }
 
 /// A backend as the datapath sees it.
@@ -287,7 +301,7 @@ impl SockLb {
             .join(format!("sock_{program}_{cgroup_ino}"))
     }
 
-    /// Attaches the three hooks to the cgroup v2 directory `cgroup`, with
+    /// Attaches the hooks to the cgroup v2 directory `cgroup`, with
     /// pinned links. A link pinned by an earlier agent is replaced without a
     /// gap: the new link is attached next to it (bpf links on a cgroup are
     /// always multi; `Single` only means no attach flags) before the
@@ -470,24 +484,26 @@ impl SockLb {
 
     /// Swaps in a new table for `service_id`: its Maglev slots (backend id
     /// per slot), or for `random` the backend ids. Empty: the service
-    /// rejects connections. Readers see the old or the new table, whole.
+    /// rejects connections. Readers see the old or the new table, whole,
+    /// with its member list: from then on session affinity never leads to
+    /// a backend the table does not list.
     pub fn set_table(&mut self, service_id: u32, backend_ids: &[u32]) -> Result<(), SockLbError> {
-        let len = u32::try_from(backend_ids.len())
-            .ok()
-            .filter(|n| *n < u32::MAX)
-            .ok_or(SockLbError::TableTooLarge {
-                service_id,
-                len: backend_ids.len(),
-            })?;
-        let mut inner = Array::<MapData, u32>::create(len + 1, BPF_F_INNER_MAP)
+        let slots = table_slots(backend_ids);
+        let too_large = SockLbError::TableTooLarge {
+            service_id,
+            len: backend_ids.len(),
+        };
+        let len = u32::try_from(slots.len()).map_err(|_| too_large)?;
+        let mut inner = Array::<MapData, u32>::create(len, BPF_F_INNER_MAP)
             .map_err(map_err("mb_lb_tables (inner)"))?;
         let inner_err = map_err("mb_lb_tables (inner)");
         let mut fill = || -> Result<(), MapError> {
-            for (i, id) in backend_ids.iter().enumerate() {
-                inner.set(i as u32 + 1, id, 0)?;
+            // The count (slot 0) last: a half-filled array is never
+            // referenced anyway.
+            for (i, v) in slots.iter().enumerate().skip(1) {
+                inner.set(i as u32, v, 0)?;
             }
-            // The count last: a half-filled array is never referenced anyway.
-            inner.set(0, len, 0)
+            inner.set(0, slots[0], 0)
         };
         fill().map_err(inner_err)?;
         self.tables
@@ -515,9 +531,24 @@ impl SockLb {
     }
 }
 
+/// The inner array of a table (see `mb_lb_tables` in lb.h): the count n,
+/// the n slots, then the number k of distinct backends and their ids in
+/// ascending order (what `lb_table_has` binary-searches).
+fn table_slots(backend_ids: &[u32]) -> Vec<u32> {
+    let members: BTreeSet<u32> = backend_ids.iter().copied().collect();
+    let mut slots = Vec::with_capacity(backend_ids.len() + members.len() + 2);
+    // Lengths fit: the caller rejects tables whose array does not.
+    slots.push(backend_ids.len() as u32);
+    slots.extend_from_slice(backend_ids);
+    slots.push(members.len() as u32);
+    slots.extend(members);
+    slots
+}
+
 fn service_value(service: LbService) -> ServiceValue {
     ServiceValue {
         service_id: service.service_id,
+        affinity_timeout: service.affinity_timeout_secs,
         target_port: service.target_port.to_be_bytes(),
         algorithm: match service.algorithm {
             LbAlgorithm::Random => LB_ALG_RANDOM,
@@ -558,6 +589,7 @@ fn list_services(
                 },
                 target_port: u16::from_be_bytes(v.target_port),
                 hash_source_address_only: v.flags & LB_F_HASH_SADDR_ONLY != 0,
+                affinity_timeout_secs: v.affinity_timeout,
             },
         ));
     }
@@ -664,6 +696,15 @@ mod tests {
             SOCK_LB_LAYOUT_VERSION as usize,
             c_define("SOCK_LB_LAYOUT_VERSION")
         );
+    }
+
+    #[test]
+    fn a_table_is_its_count_and_slots_then_its_distinct_backends_in_ascending_order() {
+        assert_eq!(
+            table_slots(&[7, 3, 7, 5, 3]),
+            [5, 7, 3, 7, 5, 3, 3, 3, 5, 7]
+        );
+        assert_eq!(table_slots(&[]), [0, 0]);
     }
 
     #[test]
