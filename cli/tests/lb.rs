@@ -480,3 +480,106 @@ fn bad_maglev_settings_and_a_duplicate_port_are_refused_with_the_field_named_and
     assert!(!out.status.success());
     assert_eq!(cluster.ok(&["get", "services", "-o", "json"]), before);
 }
+
+/// The LoadBalancer frontend of the only service and the node announcing
+/// it, once both are published.
+fn load_balancer(cluster: &Cluster) -> (String, String) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let v: Value =
+            serde_json::from_str(&cluster.ok(&["get", "services", "-o", "json"])).expect("json");
+        let lb = v["items"][0]["frontendList"].as_array().and_then(|l| {
+            l.iter()
+                .find(|f| f["kind"] == "FRONTEND_KIND_LOAD_BALANCER" && f["announcer"] != "")
+                .map(|f| {
+                    (
+                        f["address"].as_str().expect("address").to_string(),
+                        f["announcer"].as_str().expect("announcer").to_string(),
+                    )
+                })
+        });
+        if let Some(lb) = lb {
+            return lb;
+        }
+        assert!(Instant::now() < deadline, "no announced LoadBalancer address: {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn external_ip(args: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(["-n", "external"])
+        .args(args)
+        .output()
+        .expect("ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Every client port answered (retrying while the change propagates).
+fn all_answered(ip: &str, port: u16, sports: std::ops::Range<u16>) -> BTreeMap<u16, String> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let seen = external_connects(ip, port, sports.clone());
+        if seen.values().all(|b| !b.starts_with('!')) {
+            return seen;
+        }
+        assert!(Instant::now() < deadline, "failures to {ip}:{port}: {seen:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn a_load_balancer_address_is_announced_and_either_node_sends_a_client_flow_to_the_same_backend() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !has_root() {
+        return;
+    }
+    let cluster = Cluster::new();
+    assert!(cluster.has("membrane-lb"), "this test needs the lb service");
+    cluster.ok(&["up", "--nodes", "2", "--detach"]);
+    for (p, node) in [("w1", "node-1"), ("w2", "node-2"), ("w3", "node-1")] {
+        cluster.ok(&["pod", "run", p, "--node", node, "--labels", "app=web"]);
+    }
+    let _backends = Backends::start(&["w1", "w2", "w3"]);
+    let dir = tempfile::tempdir().expect("tmp");
+    let svc = dir.path().join("svc.yaml");
+    std::fs::write(&svc, "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  type: LoadBalancer\n  selector: {app: web}\n  ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP}]\n").expect("write");
+    cluster.ok(&["apply", "-f", svc.to_str().expect("path")]);
+    let (lb_ip, announcer) = load_balancer(&cluster);
+    wait_programmed(&cluster);
+
+    // Announced: `external` has no route but its on-link /24, so it asks
+    // for the address by ARP, and the announcing node answers.
+    let seen = all_answered(&lb_ip, 80, 43000..43100);
+    let used: std::collections::BTreeSet<&String> = seen.values().collect();
+    assert_eq!(used.len(), 3, "all three backends used: {used:?}");
+    let neigh = external_ip(&["neigh", "show", &lb_ip]);
+    let node_ip = if announcer == "node-1" { "10.99.0.11" } else { "10.99.0.12" };
+    let node_neigh = external_ip(&["neigh", "show", node_ip]);
+    let mac = |s: &str| {
+        s.split_whitespace()
+            .skip_while(|w| *w != "lladdr")
+            .nth(1)
+            .map(str::to_string)
+    };
+    assert!(
+        mac(&neigh).is_some() && mac(&neigh) == mac(&node_neigh),
+        "{lb_ip} resolved to {neigh:?}, {announcer} is {node_neigh:?}"
+    );
+
+    // Through node-1 and through node-2 (a route via each): the same
+    // backend per client address and port.
+    let mut via = Vec::new();
+    for node_ip in ["10.99.0.11", "10.99.0.12"] {
+        external_ip(&["route", "replace", &format!("{lb_ip}/32"), "via", node_ip]);
+        via.push(all_answered(&lb_ip, 80, 43000..43100));
+    }
+    external_ip(&["route", "del", &format!("{lb_ip}/32")]);
+    assert_eq!(via[0], via[1], "node-1 and node-2 chose different backends");
+    assert_eq!(via[0], seen, "the announced path chose differently");
+}

@@ -1,13 +1,17 @@
-//! Socket-level service load balancing from the lb service's stream:
-//! `service/<ns>/<name>` → [`ServiceState`] → frontends, backends and one
-//! table per service in `bpf_sock`'s maps (see [`crate::bpf::SockLb`]).
+//! Service load balancing from the lb service's stream:
+//! `service/<ns>/<name>` → [`ServiceState`] (without backends) and
+//! `backend/<ns>/<name>/<address>` → one backend each → frontends, backends
+//! and one table per service in the lb maps (see [`crate::bpf::SockLb`]).
+//! LoadBalancer and externalIPs addresses whose published announcer is
+//! this node are announced on the underlay (answered to ARP).
 //!
 //! ClusterIP frontends go to `bpf_sock`'s service map (pod → service, at
 //! connect/sendmsg time); NodePort (keyed with address 0.0.0.0: this node's
 //! underlay address), LoadBalancer and externalIPs frontends go to the
 //! external service map that `bpf_host` reads at tc (DNAT, reverse NAT, SNAT
 //! to the node for remote backends: `bpf/lib/nodeport.h`), together with the
-//! backends' ports (`mb_lb_be_ports`). Same tables and backends for both. For `maglev` the table is built on the node with
+//! backends' ports (`mb_lb_be_ports`). Same tables and backends for both.
+//! For `maglev` the table is built on the node with
 //! `membrane_lb::maglev` from what the service published (backends, weights,
 //! seed, M): a pure function, so every node programs the same table. For
 //! `random` the table is the backends of weight > 0. ClientIP session
@@ -237,7 +241,8 @@ impl<M: LbMaps> LbSink<M> {
         lock(&self.maps)
     }
 
-    /// Makes the maps match `state` (every `service/…` key).
+    /// Makes the maps match `state` (every `service/…` key with its
+    /// `backend/…` keys; backends inside the `ServiceState` count too).
     pub fn reconcile(&mut self, state: &BTreeMap<String, Any>) -> Result<(), String> {
         // What every service wants; unchanged services are not recomputed.
         let mut services = BTreeMap::new();
@@ -245,10 +250,23 @@ impl<M: LbMaps> LbSink<M> {
             if !key.starts_with("service/") {
                 break;
             }
-            if let Some((bytes, w)) = self.services.remove(key)
-                && bytes == any.value
+            // The service's backends travel as their own resources
+            // (`backend/<ns>/<name>/<address>`); its fingerprint is its
+            // bytes and theirs.
+            let prefix = format!("backend/{}/", &key["service/".len()..]);
+            let backends: Vec<(&String, &Any)> = state
+                .range(prefix.clone()..)
+                .take_while(|(k, _)| k.starts_with(&prefix))
+                .collect();
+            let mut bytes = any.value.clone();
+            for (k, b) in &backends {
+                bytes.extend_from_slice(k.as_bytes());
+                bytes.extend_from_slice(&b.value);
+            }
+            if let Some((cached, w)) = self.services.remove(key)
+                && cached == bytes
             {
-                services.insert(key.clone(), (bytes, w));
+                services.insert(key.clone(), (cached, w));
                 continue;
             }
             let id = match self.ids.get(key) {
@@ -260,9 +278,13 @@ impl<M: LbMaps> LbSink<M> {
                     id
                 }
             };
-            let svc: proto::ServiceState =
+            let mut svc: proto::ServiceState =
                 any.to_msg().map_err(|e| format!("decode `{key}`: {e}"))?;
-            services.insert(key.clone(), (any.value.clone(), want(key, id, &svc)?));
+            for (k, b) in backends {
+                svc.backends
+                    .push(b.to_msg().map_err(|e| format!("decode `{k}`: {e}"))?);
+            }
+            services.insert(key.clone(), (bytes, want(key, id, &svc)?));
         }
         // Nothing is half-applied on a bad service: every service decoded
         // before the maps are touched. Its id is kept for the retry.
@@ -807,5 +829,44 @@ mod tests {
         assert!(!maps.services.contains_key(&stale));
         assert!(!maps.tables.contains_key(&40));
         assert_eq!(maps.backends.keys().copied().collect::<Vec<_>>(), vec![1]);
+    }
+
+    /// `(key, any)` of a service split as the lb service publishes it.
+    fn split((key, any): (String, Any)) -> Vec<(String, Any)> {
+        let mut svc: proto::ServiceState = any.to_msg().expect("decode");
+        let name = key.strip_prefix("service/").expect("service key").to_string();
+        let backends = std::mem::take(&mut svc.backends);
+        let mut out = vec![(key, Any::from_msg(&svc).expect("encode"))];
+        for b in backends {
+            out.push((
+                format!("backend/{name}/{}", b.address),
+                Any::from_msg(&b).expect("encode"),
+            ));
+        }
+        out
+    }
+
+    #[test]
+    fn backends_published_as_their_own_resources_join_their_service() {
+        let mut sink = LbSink::new("node-1", FakeMaps::default());
+        let two = split(service(&[(1, "10.244.1.5"), (2, "10.244.2.7")]));
+        let mut state: BTreeMap<String, Any> = two.into_iter().collect();
+        // A service whose name extends "web" must not take web's backends.
+        state.extend(split(named("web2", "10.96.0.12", &[(5, "10.244.5.5")], 0)));
+        sink.reconcile(&state).expect("reconcile");
+        let owners = |sink: &LbSink<FakeMaps>, svc: &str| -> BTreeSet<Ipv4Addr> {
+            let t = sink.view().table(svc).expect("read").expect("programmed");
+            t.slots.into_iter().collect()
+        };
+        assert_eq!(
+            owners(&sink, "default/web"),
+            BTreeSet::from([Ipv4Addr::new(10, 244, 1, 5), Ipv4Addr::new(10, 244, 2, 7)])
+        );
+        assert_eq!(owners(&sink, "default/web2"), BTreeSet::from([Ipv4Addr::new(10, 244, 5, 5)]));
+        let before = sink.maps().writes;
+        state.remove("backend/default/web/10.244.2.7");
+        sink.reconcile(&state).expect("reconcile");
+        assert_eq!(owners(&sink, "default/web"), BTreeSet::from([Ipv4Addr::new(10, 244, 1, 5)]));
+        assert_eq!(sink.maps().writes, before + 1, "one table swapped, nothing else written");
     }
 }

@@ -86,9 +86,35 @@ pub fn to_proto(s: &ServiceState) -> pb::ServiceState {
     }
 }
 
-/// Encodes a state for the stream.
+/// Encodes a whole state (backends inline), as the API returns it.
 pub fn encode(s: &ServiceState) -> Result<Any, prost::EncodeError> {
     Any::from_msg(&to_proto(s))
+}
+
+/// The stream resources of a service: `service/<ns>/<name>` with the
+/// `ServiceState` minus its backends, and one `backend/<ns>/<name>/<address>`
+/// per backend, so that a backend change costs one small resource, not
+/// the whole service.
+pub fn stream_resources(s: &ServiceState) -> Result<Vec<(String, Any)>, prost::EncodeError> {
+    let mut state = to_proto(s);
+    let backends = std::mem::take(&mut state.backends);
+    let mut out = Vec::with_capacity(backends.len() + 1);
+    out.push((
+        crate::reconcile::resource_key(&s.namespace, &s.name),
+        Any::from_msg(&state)?,
+    ));
+    for b in backends {
+        out.push((
+            backend_key(&s.namespace, &s.name, &b.address),
+            Any::from_msg(&b)?,
+        ));
+    }
+    Ok(out)
+}
+
+/// The stream key of one backend of a service.
+pub fn backend_key(namespace: &str, name: &str, address: &str) -> String {
+    format!("backend/{namespace}/{name}/{address}")
 }
 
 /// The Maglev inputs of a published `ServiceState` (what a node decodes):

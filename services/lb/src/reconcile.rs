@@ -55,23 +55,39 @@ pub fn desired(
     (states, missing)
 }
 
-/// Publishes the difference between `old` and `new`; returns whether anything changed.
+/// Publishes the difference between `old` and `new`, resource by resource
+/// ([`grpc::stream_resources`]): a changed backend costs its own resource;
+/// returns whether anything changed.
 pub fn publish_diff(publisher: &Publisher, old: &States, new: &States) -> bool {
-    let mut changes = Vec::new();
-    for (k, v) in new {
-        if old.get(k) != Some(v) {
-            match grpc::encode(v) {
-                Ok(value) => changes.push(Change::Upsert {
-                    key: k.clone(),
-                    scope: Scope::All,
-                    value,
-                }),
-                Err(e) => tracing::error!(key = %k, error = %e, "service state does not encode"),
+    let resources = |s: Option<&ServiceState>| -> BTreeMap<String, prost_types::Any> {
+        match s.map(grpc::stream_resources).transpose() {
+            Ok(r) => r.unwrap_or_default().into_iter().collect(),
+            Err(e) => {
+                tracing::error!(error = %e, "service state does not encode");
+                BTreeMap::new()
             }
         }
-    }
-    for k in old.keys().filter(|k| !new.contains_key(*k)) {
-        changes.push(Change::Remove { key: k.clone() });
+    };
+    let mut changes = Vec::new();
+    let keys: BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    for k in keys {
+        let (before, after) = (old.get(k), new.get(k));
+        if before == after {
+            continue;
+        }
+        let (before, after) = (resources(before), resources(after));
+        for (key, value) in &after {
+            if before.get(key) != Some(value) {
+                changes.push(Change::Upsert {
+                    key: key.clone(),
+                    scope: Scope::All,
+                    value: value.clone(),
+                });
+            }
+        }
+        for key in before.keys().filter(|k| !after.contains_key(*k)) {
+            changes.push(Change::Remove { key: key.clone() });
+        }
     }
     if changes.is_empty() {
         return false;
@@ -146,10 +162,10 @@ mod tests {
     use crate::maglev::{Seed, TableSize};
     use crate::model::{Algorithm, Backend};
 
-    fn state(backends: u8) -> ServiceState {
+    fn state(name: &str, backends: u8) -> ServiceState {
         ServiceState {
             namespace: "default".into(),
-            name: "web".into(),
+            name: name.into(),
             frontends: vec![],
             algorithm: Algorithm::Maglev,
             hash_source_only: false,
@@ -171,23 +187,32 @@ mod tests {
     fn a_backend_change_publishes_only_the_changed_service() {
         let publisher = Publisher::new();
         let mut old = States::new();
-        old.insert(resource_key("default", "web"), state(3));
-        old.insert(resource_key("default", "db"), state(1));
+        old.insert(resource_key("default", "web"), state("web", 3));
+        old.insert(resource_key("default", "db"), state("db", 1));
         assert!(publish_diff(&publisher, &States::new(), &old));
-        assert_eq!((publisher.len(), publisher.version()), (2, 1));
+        // Two services, four backends: six resources.
+        assert_eq!((publisher.len(), publisher.version()), (6, 1));
         let mut new = old.clone();
-        new.insert(resource_key("default", "web"), state(2));
+        new.insert(resource_key("default", "web"), state("web", 2));
         assert!(publish_diff(&publisher, &old, &new));
         assert_eq!(publisher.version(), 2);
+        // The bytes a one-backend change costs: the service's state without
+        // its backends did not change, so nothing but the removal went.
+        assert_eq!(
+            grpc::stream_resources(&state("web", 3)).expect("encode")[0],
+            grpc::stream_resources(&state("web", 2)).expect("encode")[0]
+        );
         assert!(
             !publish_diff(&publisher, &new, &new),
             "no change, no version"
         );
-        new.remove(&resource_key("default", "db"));
+        assert_eq!(publisher.len(), 5, "web's third backend went alone");
+        let (old, new) = (new.clone(), {
+            let mut n = new;
+            n.remove(&resource_key("default", "db"));
+            n
+        });
         assert!(publish_diff(&publisher, &old, &new));
-        assert_eq!(publisher.len(), 1);
-        // The bytes a one-backend change costs: one ServiceState.
-        let bytes = grpc::encode(&state(2)).expect("encode").value.len();
-        assert!(bytes < 200, "{bytes} bytes");
+        assert_eq!(publisher.len(), 3, "db and its backend are gone");
     }
 }
