@@ -27,16 +27,19 @@ use aya::{
 use ipnet::Ipv4Net;
 
 use super::{
-    AttachError, Error, Hook, LAYOUT_VERSION,
+    AttachError, Error, Hook, L2Announcer, LAYOUT_VERSION,
     abi::{
-        self, CtEntryRaw, CtKeyRaw, EndpointInfoRaw, EpDropKeyRaw, IpcacheValueRaw, MetricValueRaw,
-        PolicyKeyData, PolicyValueRaw,
+        self, CtEntryRaw, CtKeyRaw, EndpointInfoRaw, EpDropKeyRaw, IpcacheValueRaw, L2DevRaw,
+        MetricValueRaw, PolicyKeyData, PolicyValueRaw,
     },
+    announce,
     events::EventReader,
     features::Features,
     objects,
     policy::{self, MapKey, MapValue, PolicyEntry},
-    types::{Counter, CtEntry, Direction, DropReason, EndpointInfo, Flow, Metrics, TcVerdict},
+    types::{
+        Counter, CtEntry, Direction, DropReason, EndpointInfo, Flow, MacAddr, Metrics, TcVerdict,
+    },
 };
 
 const MAP_ENDPOINTS: &str = "mb_endpoints";
@@ -46,6 +49,7 @@ const MAP_EVENTS: &str = "mb_events";
 const MAP_IPCACHE: &str = "mb_ipcache";
 const MAP_POLICY: &str = "mb_policy";
 const MAP_EP_DROPS: &str = "mb_ep_drops";
+const MAP_L2_DEV: &str = "mb_l2_dev";
 
 /// Load-time switches, baked into the programs as constants (so the verifier
 /// prunes disabled paths and a kernel lacking a helper still loads them).
@@ -252,6 +256,33 @@ impl Datapath {
         })
     }
 
+    /// Tells bpf_host the MAC of underlay device `ifindex`: ARP replies for
+    /// announced addresses arriving there carry it (and only devices listed
+    /// this way answer). [`Datapath::attach`] of [`Hook::Host`] sets it from
+    /// the device.
+    pub fn set_l2_device(&mut self, ifindex: u32, mac: MacAddr) -> Result<(), Error> {
+        let map = self.host.map_mut(MAP_L2_DEV).ok_or(Error::MissingMap {
+            object: HOST.name,
+            map: MAP_L2_DEV,
+        })?;
+        let err = |e| Error::L2Device {
+            ifindex,
+            source: Box::new(e),
+        };
+        let mut devs: HashMap<&mut MapData, u32, L2DevRaw> = HashMap::try_from(map).map_err(err)?;
+        let value = L2DevRaw {
+            mac: mac.0,
+            pad: [0; 2],
+        };
+        devs.insert(ifindex, value, 0).map_err(err)
+    }
+
+    /// A handle on the service addresses bpf_host answers ARP for (see
+    /// [`L2Announcer`]); each call opens a new handle on the same pinned map.
+    pub fn l2_announcer(&self) -> Result<L2Announcer, Error> {
+        L2Announcer::open(&self.map_dir.join(announce::MAP_ANNOUNCE))
+    }
+
     /// Attaches `bpf_host` to tcx ingress of the node's underlay device.
     pub fn attach_host(&mut self, ifindex: u32) -> Result<AttachMode, Error> {
         self.attach(Hook::Host, ifindex)
@@ -274,6 +305,14 @@ impl Datapath {
             // Best effort: without it NodePort frontends just never match.
             if let Err(e) = self.set_node_address(ip) {
                 tracing::warn!(error = %e, "cannot record the node address for NodePort");
+            }
+        }
+        if hook == Hook::Host
+            && let Some(mac) = device_mac(ifindex)
+        {
+            // Best effort: without it no announced address is answered for.
+            if let Err(e) = self.set_l2_device(ifindex, mac) {
+                tracing::warn!(error = %e, "cannot record the underlay MAC for ARP replies");
             }
         }
         let pin = self.link_pin_path(hook, ifindex);
@@ -736,13 +775,25 @@ fn link_pin_name(hook: Hook, ifindex: u32) -> String {
 
 /// The first IPv4 address of the interface `ifindex` (calling thread's namespace).
 fn device_ipv4(ifindex: u32) -> Option<Ipv4Addr> {
+    device_address(ifindex, |a| a.as_sockaddr_in().map(|s| s.ip()))
+}
+
+/// The MAC of the interface `ifindex` (calling thread's namespace).
+fn device_mac(ifindex: u32) -> Option<MacAddr> {
+    device_address(ifindex, |a| a.as_link_addr().and_then(|l| l.addr()).map(MacAddr))
+}
+
+/// The first address of the interface `ifindex` that `pick` accepts.
+fn device_address<T>(
+    ifindex: u32,
+    pick: impl Fn(&nix::sys::socket::SockaddrStorage) -> Option<T>,
+) -> Option<T> {
     let name = nix::net::if_::if_indextoname(ifindex).ok()?;
     let name = name.to_str().ok()?.to_owned();
-    nix::ifaddrs::getifaddrs().ok()?.find_map(|ifa| {
-        (ifa.interface_name == name)
-            .then(|| ifa.address.and_then(|a| a.as_sockaddr_in().map(|s| s.ip())))
-            .flatten()
-    })
+    nix::ifaddrs::getifaddrs()
+        .ok()?
+        .filter(|ifa| ifa.interface_name == name)
+        .find_map(|ifa| ifa.address.as_ref().and_then(&pick))
 }
 
 fn parse_link_pin_name(name: &str) -> Option<(Hook, u32)> {

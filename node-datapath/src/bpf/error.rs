@@ -78,6 +78,21 @@ pub enum Error {
         source: Box<MapError>,
     },
 
+    #[error("{op} service address {addr} on the underlay")]
+    Announce {
+        op: &'static str,
+        addr: Ipv4Addr,
+        #[source]
+        source: Box<MapError>,
+    },
+
+    #[error("record the MAC of underlay device {ifindex}")]
+    L2Device {
+        ifindex: u32,
+        #[source]
+        source: Box<MapError>,
+    },
+
     #[error("endpoint {ip} is not in the endpoint map")]
     EndpointNotFound { ip: Ipv4Addr },
 

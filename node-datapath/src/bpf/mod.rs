@@ -12,6 +12,7 @@
 //! - `events`: ring buffer readers (blocking and tokio).
 //! - `features`: kernel feature probes.
 //! - `bpffs`: [`ensure_bpffs`].
+//! - `announce`: [`L2Announcer`]: service addresses bpf_host answers ARP for.
 //! - `sock`: [`SockLb`]: socket-level service load balancing (`bpf_sock`,
 //!   cgroup connect4/sendmsg4/recvmsg4), its maps and pinned cgroup links.
 //!
@@ -25,6 +26,7 @@
 //!   (the node's).
 
 mod abi;
+mod announce;
 mod bpffs;
 mod datapath;
 mod error;
@@ -37,6 +39,7 @@ mod types;
 use std::fmt;
 
 pub use abi::LAYOUT_VERSION;
+pub use announce::L2Announcer;
 pub use bpffs::{BPFFS_PATH, ensure_bpffs};
 pub use datapath::{AttachMode, Datapath, DatapathOptions, PolicyMode, TestRunOutput};
 pub use error::{AttachError, Error};

@@ -119,6 +119,8 @@ pub struct Metrics {
     pub ct_reply: Counter,
     /// Packets the node's stack delivered to pods (seen by `to_container`).
     pub to_container: Counter,
+    /// ARP replies bpf_host sent for announced service addresses.
+    pub arp_replies: Counter,
     /// Only reasons with a non-zero count.
     pub drops: BTreeMap<DropReason, Counter>,
 }
@@ -421,6 +423,7 @@ impl Metrics {
             ct_established: at(abi::METRIC_CT_ESTABLISHED),
             ct_reply: at(abi::METRIC_CT_REPLY),
             to_container: at(abi::METRIC_TO_LXC),
+            arp_replies: at(abi::METRIC_ARP_REPLY),
             drops,
         }
     }
