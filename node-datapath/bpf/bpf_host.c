@@ -56,8 +56,10 @@ int from_netdev(struct __sk_buff *ctx)
 		if (r > 0)
 			return bpf_redirect_neigh(oif, NULL, 0, 0);
 		r = np_forward(ctx, &p, &remote);
-		if (r == -2)
+		if (r == NP_REWRITE_FAILED)
 			return drop_packet(ctx, OBS_HOST, DROP_REWRITE_FAILED, &p);
+		if (r == NP_NO_PORT)
+			return drop_packet(ctx, OBS_HOST, DROP_NAT_NO_PORT, &p);
 		if (r == 0) {
 			if (remote)
 				return np_redirect_fib(ctx, &p);

@@ -16,7 +16,8 @@ use std::net::Ipv4Addr;
 use bpf_support::*;
 use membrane_lb::maglev::Seed;
 use membrane_node_datapath::bpf::{
-    Datapath, DatapathOptions, EndpointInfo, Hook, MacAddr, SockLb, TcVerdict,
+    Datapath, DatapathOptions, DropReason, EndpointInfo, Hook, LoadConfig, MacAddr, SockLb,
+    TcVerdict, TestRunOutput,
 };
 use membrane_node_datapath::lb::LbSink;
 use membrane_proto::lb::v1 as proto;
@@ -95,8 +96,12 @@ fn service(with_node_port: bool) -> BTreeMap<String, Any> {
 
 /// A node with `local` as its one local pod, the service programmed.
 fn node(addr: Ipv4Addr, local: Ipv4Addr, with_node_port: bool) -> Node {
+    node_with(addr, local, with_node_port, &LoadConfig::default())
+}
+
+fn node_with(addr: Ipv4Addr, local: Ipv4Addr, with_node_port: bool, config: &LoadConfig) -> Node {
     let pins = PinDir::new();
-    let mut dp = Datapath::load(pins.path(), &ALL_ON).expect("load datapath");
+    let mut dp = Datapath::load_with(pins.path(), &ALL_ON, config).expect("load datapath");
     dp.set_node_address(addr).expect("node address");
     let info = EndpointInfo {
         ifindex: 101,
@@ -324,4 +329,111 @@ fn on_the_backends_node_replies_to_a_request_another_node_snated_bypass_the_stac
     let out = n2.dp.test_run(Hook::Lxc, &reply).expect("run");
     assert_eq!(out.verdict, TcVerdict::Ok);
     assert_eq!(out.packet, reply);
+}
+
+/// Requests from clients 10.99.1.1, 10.99.1.2, ... all with source port
+/// `sport`, to node-1's NodePort, until `count` of them went to the remote
+/// backend: those clients and what bpf_host made of their requests.
+fn clients_sent_to_the_remote_backend(
+    n1: &Node,
+    sport: u16,
+    count: usize,
+) -> Vec<(Ipv4Addr, TestRunOutput)> {
+    let mut out = Vec::new();
+    for i in 1..=250u8 {
+        let client = Ipv4Addr::new(10, 99, 1, i);
+        let request = frame(CLIENT_MAC, UNDERLAY_MAC, client, NODE_1, sport, NODE_PORT);
+        let run = n1.dp.test_run(Hook::Host, &request).expect("run");
+        if run.verdict == TcVerdict::Shot || addrs(&run.packet).1 == POD_2 {
+            out.push((client, run));
+            if out.len() == count {
+                return out;
+            }
+        }
+    }
+    panic!("fewer than {count} clients went to the remote backend");
+}
+
+#[test]
+fn clients_sharing_a_source_port_towards_a_remote_backend_get_distinct_snat_ports_and_their_own_replies()
+ {
+    if !privileged(
+        "clients_sharing_a_source_port_towards_a_remote_backend_get_distinct_snat_ports_and_their_own_replies",
+    ) {
+        return;
+    }
+    const SPORT: u16 = 45000;
+    let n1 = node(NODE_1, POD_1, true);
+    let flows = clients_sent_to_the_remote_backend(&n1, SPORT, 3);
+    let mut ports = Vec::new();
+    for (client, out) in &flows {
+        assert_eq!(out.verdict, TcVerdict::Redirect, "client {client}");
+        assert_checksums(&out.packet);
+        let (s, d, sp, dp) = addrs(&out.packet);
+        assert_eq!((s, d, dp), (NODE_1, POD_2, TARGET_PORT));
+        ports.push(sp);
+    }
+    // The first keeps its own port; the others get distinct ones from the range.
+    assert_eq!(ports[0], SPORT);
+    for p in &ports[1..] {
+        assert!((32768..=60999).contains(p), "port {p}");
+    }
+    let distinct: std::collections::BTreeSet<_> = ports.iter().collect();
+    assert_eq!(distinct.len(), ports.len(), "ports {ports:?}");
+
+    for ((client, _), port) in flows.iter().zip(&ports) {
+        // The flow's next packet keeps its port.
+        let again = frame(CLIENT_MAC, UNDERLAY_MAC, *client, NODE_1, SPORT, NODE_PORT);
+        let out = n1.dp.test_run(Hook::Host, &again).expect("run");
+        assert_eq!(addrs(&out.packet), (NODE_1, POD_2, *port, TARGET_PORT));
+        // The backend's reply goes back to this client, on its own port.
+        let reply = frame(UNDERLAY_MAC, UNDERLAY_MAC, POD_2, NODE_1, TARGET_PORT, *port);
+        let out = n1.dp.test_run(Hook::Host, &reply).expect("run");
+        assert_eq!(out.verdict, TcVerdict::Redirect);
+        assert_eq!(addrs(&out.packet), (NODE_1, *client, NODE_PORT, SPORT));
+        assert_checksums(&out.packet);
+    }
+}
+
+#[test]
+fn a_new_flow_that_finds_no_free_snat_port_is_dropped_and_counted() {
+    if !privileged("a_new_flow_that_finds_no_free_snat_port_is_dropped_and_counted") {
+        return;
+    }
+    const SPORT: u16 = 45000;
+    let config = LoadConfig {
+        snat_ports: 61000..=61001,
+        ..LoadConfig::default()
+    };
+    let n1 = node_with(NODE_1, POD_1, true, &config);
+    // The client's own port, then the two of the range; the fourth finds none.
+    let flows = clients_sent_to_the_remote_backend(&n1, SPORT, 4);
+    let ports: Vec<u16> = flows[..3]
+        .iter()
+        .map(|(_, out)| {
+            assert_eq!(out.verdict, TcVerdict::Redirect);
+            addrs(&out.packet).2
+        })
+        .collect();
+    assert_eq!(ports[0], SPORT);
+    let mut rest = ports[1..].to_vec();
+    rest.sort();
+    assert_eq!(rest, [61000, 61001]);
+    assert_eq!(flows[3].1.verdict, TcVerdict::Shot);
+    let drops = n1.dp.metrics().expect("metrics").drops;
+    assert_eq!(drops.get(&DropReason::NatNoPort).map(|c| c.packets), Some(1));
+
+    assert!(
+        Datapath::load_with(
+            PinDir::new().path(),
+            &ALL_ON,
+            &LoadConfig {
+                // An empty range is refused before anything is loaded.
+                #[allow(clippy::reversed_empty_ranges, reason = "the point of the test")]
+                snat_ports: 2..=1,
+                ..LoadConfig::default()
+            }
+        )
+        .is_err()
+    );
 }

@@ -214,6 +214,7 @@ enum drop_reason {
 	DROP_REWRITE_FAILED = 4,/* skb store/checksum helper failed */
 	DROP_POLICY_DENY = 5,   /* a deny entry matched */
 	DROP_POLICY_DEFAULT_DENY = 6, /* enforced direction, no entry allowed it */
+	DROP_NAT_NO_PORT = 7,   /* no free SNAT port towards a remote service backend */
 	DROP_REASON_MAX = 15,
 };
 

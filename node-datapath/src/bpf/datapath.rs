@@ -6,6 +6,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs, io,
     net::Ipv4Addr,
+    ops::RangeInclusive,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -73,6 +74,27 @@ pub enum PolicyMode {
     Enforced,
     /// No policy code: everything is allowed, maps are ignored.
     CompiledOut,
+}
+
+/// Load-time settings beyond [`DatapathOptions`] (constants in the programs
+/// too), for [`Datapath::load_with`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoadConfig {
+    /// Whether the programs contain network policy.
+    pub policy: PolicyMode,
+    /// The source ports a NodePort/LoadBalancer flow to a backend on another
+    /// node is SNATed to when the client's own port is taken towards that
+    /// backend (`bpf/lib/nodeport.h`). Default: 32768..=60999.
+    pub snat_ports: RangeInclusive<u16>,
+}
+
+impl Default for LoadConfig {
+    fn default() -> Self {
+        Self {
+            policy: PolicyMode::Enforced,
+            snat_ports: 32768..=60999,
+        }
+    }
 }
 
 /// How [`Datapath::attach`] got the program onto the interface.
@@ -182,6 +204,25 @@ impl Datapath {
         opts: &DatapathOptions,
         policy: PolicyMode,
     ) -> Result<Self, Error> {
+        let config = LoadConfig {
+            policy,
+            ..LoadConfig::default()
+        };
+        Self::load_with(pin_dir, opts, &config)
+    }
+
+    /// [`Datapath::load`] with every load-time setting given.
+    pub fn load_with(
+        pin_dir: &Path,
+        opts: &DatapathOptions,
+        config: &LoadConfig,
+    ) -> Result<Self, Error> {
+        if config.snat_ports.is_empty() {
+            return Err(Error::EmptySnatPorts {
+                start: *config.snat_ports.start(),
+                end: *config.snat_ports.end(),
+            });
+        }
         let map_dir = pin_dir.join(format!("v{LAYOUT_VERSION}"));
         let link_dir = pin_dir.join("links");
         for dir in [&map_dir, &link_dir] {
@@ -197,10 +238,14 @@ impl Datapath {
             path: lb_dir.clone(),
             source,
         })?;
-        let features = opts.feature_bits();
-        let policy_enabled = u32::from(policy == PolicyMode::Enforced);
-        let mut lxc = load_object(&LXC, &map_dir, &lb_dir, features, policy_enabled)?;
-        let host = load_object(&HOST, &map_dir, &lb_dir, features, policy_enabled)?;
+        let consts = Constants {
+            features: opts.feature_bits(),
+            policy_enabled: u32::from(config.policy == PolicyMode::Enforced),
+            snat_port_min: *config.snat_ports.start(),
+            snat_port_max: *config.snat_ports.end(),
+        };
+        let mut lxc = load_object(&LXC, &map_dir, &lb_dir, &consts)?;
+        let host = load_object(&HOST, &map_dir, &lb_dir, &consts)?;
 
         // Both objects share the pinned maps: open them once, from bpf_lxc.
         let endpoints = typed_map(&mut lxc, MAP_ENDPOINTS, HashMap::try_from)?;
@@ -827,12 +872,19 @@ const LB_SHARED_MAPS: &[&str] = &[
     "mb_lb_be_ports",
 ];
 
+/// The `volatile const` globals every object gets patched (config.h, nodeport.h).
+struct Constants {
+    features: u32,
+    policy_enabled: u32,
+    snat_port_min: u16,
+    snat_port_max: u16,
+}
+
 fn load_object(
     object: &Object,
     map_dir: &Path,
     lb_dir: &Path,
-    features: u32,
-    policy_enabled: u32,
+    consts: &Constants,
 ) -> Result<Ebpf, Error> {
     let mut loader = EbpfLoader::new();
     for name in LB_SHARED_MAPS {
@@ -840,8 +892,10 @@ fn load_object(
     }
     let mut ebpf = loader
         .default_map_pin_directory(map_dir)
-        .override_global("CONFIG_FEATURES", &features, true)
-        .override_global("CONFIG_POLICY_ENABLED", &policy_enabled, true)
+        .override_global("CONFIG_FEATURES", &consts.features, true)
+        .override_global("CONFIG_POLICY_ENABLED", &consts.policy_enabled, true)
+        .override_global("CONFIG_SNAT_PORT_MIN", &consts.snat_port_min, true)
+        .override_global("CONFIG_SNAT_PORT_MAX", &consts.snat_port_max, true)
         .load(object.bytes)
         .map_err(|e| Error::LoadObject {
             object: object.name,

@@ -86,6 +86,9 @@ pub enum Error {
         source: Box<MapError>,
     },
 
+    #[error("SNAT port range {start}..={end} is empty")]
+    EmptySnatPorts { start: u16, end: u16 },
+
     #[error("record the MAC of underlay device {ifindex}")]
     L2Device {
         ifindex: u32,

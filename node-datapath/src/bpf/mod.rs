@@ -41,7 +41,9 @@ use std::fmt;
 pub use abi::LAYOUT_VERSION;
 pub use announce::L2Announcer;
 pub use bpffs::{BPFFS_PATH, ensure_bpffs};
-pub use datapath::{AttachMode, Datapath, DatapathOptions, PolicyMode, TestRunOutput};
+pub use datapath::{
+    AttachMode, Datapath, DatapathOptions, LoadConfig, PolicyMode, TestRunOutput,
+};
 pub use error::{AttachError, Error};
 pub use events::{AsyncEventReader, EventReader};
 pub use features::{Features, probe_features};

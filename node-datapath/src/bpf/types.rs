@@ -98,6 +98,8 @@ pub enum DropReason {
     PolicyDeny,
     /// The direction is enforced (default deny) and no entry allowed the packet.
     PolicyDefaultDeny,
+    /// No free SNAT source port towards a remote service backend.
+    NatNoPort,
     /// A code this build does not know (a newer datapath).
     Other(u16),
 }
@@ -395,6 +397,7 @@ impl DropReason {
             abi::DROP_REWRITE_FAILED => Self::RewriteFailed,
             abi::DROP_POLICY_DENY => Self::PolicyDeny,
             abi::DROP_POLICY_DEFAULT_DENY => Self::PolicyDefaultDeny,
+            abi::DROP_NAT_NO_PORT => Self::NatNoPort,
             other => Self::Other(other),
         }
     }
