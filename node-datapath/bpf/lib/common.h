@@ -202,6 +202,8 @@ enum metric {
 	METRIC_CT_REPLY = 7,
 	METRIC_TO_LXC = 8,        /* packets the stack delivers to pods (to_container) */
 	METRIC_ARP_REPLY = 9,     /* ARP replies sent for announced addresses */
+	METRIC_XDP_RX = 10,       /* packets seen by bpf_xdp on the underlay */
+	METRIC_XDP_TX = 11,       /* NodePort/LB requests bpf_xdp translated and sent back out */
 	/* METRIC_DROP_BASE + enum drop_reason */
 	METRIC_DROP_BASE = 16,
 	METRIC_MAX = 32,

@@ -32,6 +32,11 @@
  *   gets the stack's RST / port unreachable).
  * With no entry in mb_lb_ext_services / mb_lb_nat4 (service LB off) nothing
  * here changes a packet.
+ *
+ * The decision and the state (np_plan_forward, np_commit, np_snat_alloc,
+ * np_reverse_entry) take no context, so bpf_xdp runs the same code in front
+ * of bpf_host for requests to remote backends; only the packet rewrite
+ * differs (skb helpers here, np_apply_data on linear memory there).
  */
 #ifndef MEMBRANE_NODEPORT_H
 #define MEMBRANE_NODEPORT_H
@@ -41,10 +46,13 @@
 #include <linux/if_ether.h>
 #include <linux/in.h>
 #include <linux/ip.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
 #include "common.h"
+#include "csum.h"
 #include "endpoints.h"
 #include "ipv4.h"
 #include "lb.h"
@@ -137,6 +145,18 @@ static __always_inline int np_l4(const struct pkt4 *p)
 	       (p->tuple.sport || p->tuple.dport);
 }
 
+/* Context-free: the reverse entry of p when p is a reply of a translated flow. */
+static __always_inline struct lb_nat *np_reverse_entry(const struct pkt4 *p)
+{
+	struct lb_nat_key k;
+
+	if (!np_l4(p))
+		return NULL;
+	np_key(&k, p->tuple.saddr, p->tuple.daddr, p->tuple.sport, p->tuple.dport, p->tuple.proto,
+	       LB_NAT_REV);
+	return bpf_map_lookup_elem(&mb_lb_nat4, &k);
+}
+
 /*
  * A reply of a translated flow (its reverse entry): rewritten back to
  * frontend -> client. Returns 1 (and the ifindex to leave by) when it was,
@@ -144,14 +164,8 @@ static __always_inline int np_l4(const struct pkt4 *p)
  */
 static __always_inline int np_reverse(struct __sk_buff *ctx, struct pkt4 *p, __u32 *ifindex)
 {
-	struct lb_nat_key k;
-	struct lb_nat *n;
+	struct lb_nat *n = np_reverse_entry(p);
 
-	if (!np_l4(p))
-		return 0;
-	np_key(&k, p->tuple.saddr, p->tuple.daddr, p->tuple.sport, p->tuple.dport, p->tuple.proto,
-	       LB_NAT_REV);
-	n = bpf_map_lookup_elem(&mb_lb_nat4, &k);
 	if (!n)
 		return 0;
 	*ifindex = n->ifindex;
@@ -387,6 +401,54 @@ static __always_inline int np_forward(struct __sk_buff *ctx, struct pkt4 *p, int
 	*remote = plan.remote;
 	if (np_apply(ctx, p, &plan.fwd) < 0)
 		return NP_REWRITE_FAILED;
+	return 0;
+}
+
+/*
+ * Context-free rewrite of a TCP/UDP packet in linear memory (XDP): addresses
+ * and ports to n's, checksums updated incrementally. The caller checked that
+ * the IPv4 header has no options (ihl 5) and that the L4 header is there
+ * (parse_ipv4_data). Returns 0, or -1 if the headers are out of bounds.
+ */
+static __always_inline int np_apply_data(void *data, void *data_end, __u8 proto,
+					 const struct lb_nat *n)
+{
+	struct iphdr *ip4 = data + ETH_HLEN;
+	__u16 *l4csum = NULL;
+	__be16 *ports = (void *)(ip4 + 1);
+
+	if ((void *)(ip4 + 1) > data_end)
+		return -1;
+	if (proto == IPPROTO_TCP) {
+		struct tcphdr *tcp = (void *)(ip4 + 1);
+
+		if ((void *)(tcp + 1) > data_end)
+			return -1;
+		l4csum = (__u16 *)&tcp->check;
+	} else {
+		struct udphdr *udp = (void *)(ip4 + 1);
+
+		if ((void *)(udp + 1) > data_end)
+			return -1;
+		/* 0: the sender computed none, and none is owed. */
+		if (udp->check)
+			l4csum = (__u16 *)&udp->check;
+	}
+	csum_replace4((__u16 *)&ip4->check, ip4->saddr, n->saddr);
+	csum_replace4((__u16 *)&ip4->check, ip4->daddr, n->daddr);
+	if (l4csum) {
+		/* The pseudo header carries the addresses. */
+		csum_replace4(l4csum, ip4->saddr, n->saddr);
+		csum_replace4(l4csum, ip4->daddr, n->daddr);
+		csum_replace2(l4csum, ports[0], n->sport);
+		csum_replace2(l4csum, ports[1], n->dport);
+		if (proto == IPPROTO_UDP && *l4csum == 0)
+			*l4csum = 0xffff;
+	}
+	ip4->saddr = n->saddr;
+	ip4->daddr = n->daddr;
+	ports[0] = n->sport;
+	ports[1] = n->dport;
 	return 0;
 }
 

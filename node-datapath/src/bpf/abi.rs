@@ -69,6 +69,8 @@ pub(crate) const METRIC_CT_ESTABLISHED: u32 = 6;
 pub(crate) const METRIC_CT_REPLY: u32 = 7;
 pub(crate) const METRIC_TO_LXC: u32 = 8;
 pub(crate) const METRIC_ARP_REPLY: u32 = 9;
+pub(crate) const METRIC_XDP_RX: u32 = 10;
+pub(crate) const METRIC_XDP_TX: u32 = 11;
 pub(crate) const METRIC_DROP_BASE: u32 = 16;
 pub(crate) const METRIC_MAX: u32 = 32;
 
@@ -398,6 +400,8 @@ mod tests {
             ("TRACE_DIR_NONE", u64::from(TRACE_DIR_NONE)),
             ("METRIC_TO_LXC", u64::from(METRIC_TO_LXC)),
             ("METRIC_ARP_REPLY", u64::from(METRIC_ARP_REPLY)),
+            ("METRIC_XDP_RX", u64::from(METRIC_XDP_RX)),
+            ("METRIC_XDP_TX", u64::from(METRIC_XDP_TX)),
             ("LB_ANNOUNCE_MAP_SIZE", u64::from(LB_ANNOUNCE_MAP_SIZE)),
             ("L2_DEV_MAP_SIZE", u64::from(L2_DEV_MAP_SIZE)),
             ("LB_ANNOUNCE_F_ARP", u64::from(LB_ANNOUNCE_F_ARP)),

@@ -12,7 +12,7 @@ use aya::{
 
 use ipnet::Ipv4Net;
 
-use super::{Hook, PolicyError};
+use super::{Hook, PolicyError, XdpMode};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -129,6 +129,24 @@ pub enum Error {
         #[source]
         source: AttachError,
     },
+
+    #[error("attach bpf_xdp ({mode}) to ifindex {ifindex}")]
+    AttachXdp {
+        mode: XdpMode,
+        ifindex: u32,
+        #[source]
+        source: AttachError,
+    },
+
+    #[error("detach bpf_xdp from ifindex {ifindex}")]
+    DetachXdp {
+        ifindex: u32,
+        #[source]
+        source: AttachError,
+    },
+
+    #[error("test run of bpf_xdp")]
+    TestRunXdp(#[source] Box<ProgramError>),
 
     #[error("detach {hook} program from ifindex {ifindex}")]
     Detach {

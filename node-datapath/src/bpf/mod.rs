@@ -19,7 +19,8 @@
 //! Invariants:
 //! - Maps are pinned by name under `<pin_dir>/v<LAYOUT_VERSION>/`: both
 //!   objects (lxc, host) share them, and they outlive the agent.
-//! - Every tcx link is pinned under `<pin_dir>/links/<hook>_<ingress|egress>_<ifindex>`;
+//! - Every tcx link is pinned under `<pin_dir>/links/<hook>_<ingress|egress>_<ifindex>`,
+//!   the XDP link under `<pin_dir>/links/xdp_<native|generic>_<ifindex>`;
 //!   a new agent swaps its program into the pinned link (`attach_to_link`),
 //!   so restarts never leave an interface without a program.
 //! - Interface indexes are those of the calling thread's network namespace
@@ -42,7 +43,7 @@ pub use abi::LAYOUT_VERSION;
 pub use announce::L2Announcer;
 pub use bpffs::{BPFFS_PATH, ensure_bpffs};
 pub use datapath::{
-    AttachMode, Datapath, DatapathOptions, LoadConfig, PolicyMode, TestRunOutput,
+    AttachMode, Datapath, DatapathOptions, LoadConfig, PolicyMode, TestRunOutput, XdpTestOutput,
 };
 pub use error::{AttachError, Error};
 pub use events::{AsyncEventReader, EventReader};
@@ -54,7 +55,7 @@ pub use sock::{
 };
 pub use types::{
     Counter, CtDirection, CtEntry, DatapathEvent, Direction, DropReason, EndpointInfo, EventKind,
-    Flow, InvalidMac, MacAddr, Metrics, ObservationPoint, TcVerdict,
+    Flow, InvalidMac, MacAddr, Metrics, ObservationPoint, TcVerdict, XdpAction, XdpMode,
 };
 
 /// An attach point of the datapath.
@@ -86,6 +87,8 @@ mod objects {
         aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_lxc.o"));
     pub(super) static HOST: &[u8] =
         aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_host.o"));
+    pub(super) static XDP: &[u8] =
+        aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_xdp.o"));
     pub(super) static SOCK: &[u8] =
         aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_sock.o"));
     pub(super) static PROBE: &[u8] =
