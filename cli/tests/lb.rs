@@ -24,7 +24,10 @@ impl Backends {
             .flat_map(|p| {
                 [
                     ("TCP-LISTEN:8080,fork,reuseaddr", format!("SYSTEM:echo {p}")),
-                    ("TCP-LISTEN:9090,fork,reuseaddr", format!("SYSTEM:echo {p}; cat")),
+                    (
+                        "TCP-LISTEN:9090,fork,reuseaddr",
+                        format!("SYSTEM:echo {p}; cat"),
+                    ),
                 ]
                 .map(|(listen, answer)| {
                     Command::new("nsenter")
@@ -201,7 +204,11 @@ fn a_cluster_ip_balances_pods_on_both_nodes_over_its_backends_and_follows_them()
     cluster.ok(&["apply", "-f", extra.to_str().expect("path")]);
     cluster.ok(&["pod", "label", other, "app=gone"]);
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(held.echo("still-here"), "still-here", "the held connection broke");
+    assert_eq!(
+        held.echo("still-here"),
+        "still-here",
+        "the held connection broke"
+    );
     cluster.ok(&["pod", "label", other, "app=web"]);
     drop(held);
 
@@ -306,10 +313,9 @@ fn a_node_port_reached_through_either_node_lands_on_the_same_backend_per_client_
 
 /// `membrane lb table SERVICE --node NODE -o json`: slots as that node's maps hold them.
 fn programmed_table(cluster: &Cluster, service: &str, node: &str) -> Vec<String> {
-    let v: Value = serde_json::from_str(&cluster.ok(&[
-        "lb", "table", service, "--node", node, "-o", "json",
-    ]))
-    .expect("json");
+    let v: Value =
+        serde_json::from_str(&cluster.ok(&["lb", "table", service, "--node", node, "-o", "json"]))
+            .expect("json");
     v["slots"]
         .as_array()
         .expect("slots")
@@ -382,12 +388,20 @@ fn maglev_tables_as_programmed_are_the_same_on_every_node_balanced_weighted_and_
         dir.path().join("w.yaml"),
         endpoints_yaml(
             "weighted",
-            &["10.251.0.1".into(), "10.251.0.2".into(), "10.251.0.3".into()],
+            &[
+                "10.251.0.1".into(),
+                "10.251.0.2".into(),
+                "10.251.0.3".into(),
+            ],
             Some(r#"{"10.251.0.1": 1, "10.251.0.2": 2, "10.251.0.3": 3}"#),
         ),
     )
     .expect("write");
-    cluster.ok(&["apply", "-f", dir.path().join("w.yaml").to_str().expect("path")]);
+    cluster.ok(&[
+        "apply",
+        "-f",
+        dir.path().join("w.yaml").to_str().expect("path"),
+    ]);
     wait_programmed(&cluster);
 
     // Identical on every node, and what the lb service computes.
@@ -403,7 +417,10 @@ fn maglev_tables_as_programmed_are_the_same_on_every_node_balanced_weighted_and_
         .iter()
         .map(|s| s.as_str().expect("address"))
         .collect();
-    assert!(t1.iter().map(String::as_str).eq(computed), "programmed ≠ computed");
+    assert!(
+        t1.iter().map(String::as_str).eq(computed),
+        "programmed ≠ computed"
+    );
 
     // Every backend owns ⌊M/N⌋ or ⌈M/N⌉ slots.
     let c = counts(&t1);
@@ -412,10 +429,17 @@ fn maglev_tables_as_programmed_are_the_same_on_every_node_balanced_weighted_and_
 
     // Weights 1:2:3 → 1/6, 2/6, 3/6 of the slots (within 1% of M).
     let w = counts(&programmed_table(&cluster, "weighted", "node-2"));
-    for (addr, share) in [("10.251.0.1", 1.0), ("10.251.0.2", 2.0), ("10.251.0.3", 3.0)] {
+    for (addr, share) in [
+        ("10.251.0.1", 1.0),
+        ("10.251.0.2", 2.0),
+        ("10.251.0.3", 3.0),
+    ] {
         let want = 16381.0 * share / 6.0;
         let got = w[addr] as f64;
-        assert!((got - want).abs() < 164.0, "{addr}: {got} slots, want ≈{want:.0}");
+        assert!(
+            (got - want).abs() < 164.0,
+            "{addr}: {got} slots, want ≈{want:.0}"
+        );
     }
 
     // Removing one of 100 backends moves at most 1% of the survivors' slots.
@@ -450,7 +474,10 @@ fn bad_maglev_settings_and_a_duplicate_port_are_refused_with_the_field_named_and
         (["--maglev-seed", "bm90LWJhc2U2NCE"], "--maglev-seed"),
         (["--maglev-seed", "%%%"], "not valid base64"),
         (["--maglev-seed", "c2hvcnQ="], "exactly 12 bytes"),
-        (["--maglev-table-size", "1000"], "--maglev-table-size: table size 1000 is not supported"),
+        (
+            ["--maglev-table-size", "1000"],
+            "--maglev-table-size: table size 1000 is not supported",
+        ),
     ] {
         let out = cluster.run(&["up", "--detach", flags[0], flags[1]]);
         let err = String::from_utf8_lossy(&out.stderr);
@@ -501,7 +528,10 @@ fn load_balancer(cluster: &Cluster) -> (String, String) {
         if let Some(lb) = lb {
             return lb;
         }
-        assert!(Instant::now() < deadline, "no announced LoadBalancer address: {v}");
+        assert!(
+            Instant::now() < deadline,
+            "no announced LoadBalancer address: {v}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -528,7 +558,10 @@ fn all_answered(ip: &str, port: u16, sports: std::ops::Range<u16>) -> BTreeMap<u
         if seen.values().all(|b| !b.starts_with('!')) {
             return seen;
         }
-        assert!(Instant::now() < deadline, "failures to {ip}:{port}: {seen:?}");
+        assert!(
+            Instant::now() < deadline,
+            "failures to {ip}:{port}: {seen:?}"
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
 }
@@ -559,7 +592,11 @@ fn a_load_balancer_address_is_announced_and_either_node_sends_a_client_flow_to_t
     let used: std::collections::BTreeSet<&String> = seen.values().collect();
     assert_eq!(used.len(), 3, "all three backends used: {used:?}");
     let neigh = external_ip(&["neigh", "show", &lb_ip]);
-    let node_ip = if announcer == "node-1" { "10.99.0.11" } else { "10.99.0.12" };
+    let node_ip = if announcer == "node-1" {
+        "10.99.0.11"
+    } else {
+        "10.99.0.12"
+    };
     let node_neigh = external_ip(&["neigh", "show", node_ip]);
     let mac = |s: &str| {
         s.split_whitespace()

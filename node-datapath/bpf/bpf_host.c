@@ -3,13 +3,15 @@
  * bpf_host: tc ingress on the node's underlay device. Packets from other
  * nodes addressed to a pod on this node pass the pod's ingress policy
  * (source identity from the ipcache) and are delivered straight to the pod;
- * everything else (node traffic, ARP, anything unparsable) goes to the stack,
- * which owns the underlay and validates what it receives.
+ * ARP requests for announced service addresses are answered here (lib/arp.h);
+ * everything else (node traffic, other ARP, anything unparsable) goes to the
+ * stack, which owns the underlay and validates what it receives.
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
 #include <bpf/bpf_helpers.h>
 
+#include "lib/arp.h"
 #include "lib/common.h"
 #include "lib/config.h"
 #include "lib/endpoints.h"
@@ -28,8 +30,15 @@ int from_netdev(struct __sk_buff *ctx)
 
 	metric_inc(METRIC_HOST_RX, ctx->len);
 
+	ret = parse_ipv4(ctx, &p);
+	/* parse_ipv4 pulled the first bytes into the linear area: an ARP packet fits. */
+	if (ret == PARSE_NOT_IPV4 &&
+	    arp_respond_in_place(ctx_data(ctx), ctx_data_end(ctx), ctx->ifindex)) {
+		metric_inc(METRIC_ARP_REPLY, ctx->len);
+		return bpf_redirect(ctx->ifindex, 0);
+	}
 	/* Malformed packets are the stack's business here, not a drop of ours. */
-	if (parse_ipv4(ctx, &p) != PARSE_OK)
+	if (ret != PARSE_OK)
 		return pass_to_stack(ctx);
 
 	/*
@@ -47,8 +56,10 @@ int from_netdev(struct __sk_buff *ctx)
 		if (r > 0)
 			return bpf_redirect_neigh(oif, NULL, 0, 0);
 		r = np_forward(ctx, &p, &remote);
-		if (r == -2)
+		if (r == NP_REWRITE_FAILED)
 			return drop_packet(ctx, OBS_HOST, DROP_REWRITE_FAILED, &p);
+		if (r == NP_NO_PORT)
+			return drop_packet(ctx, OBS_HOST, DROP_NAT_NO_PORT, &p);
 		if (r == 0) {
 			if (remote)
 				return np_redirect_fib(ctx, &p);

@@ -97,6 +97,12 @@ pub struct Args {
     /// How local pods are delivered.
     #[arg(long, env = "MEMBRANE_DELIVERY", value_enum, default_value = "auto")]
     pub delivery: Delivery,
+    /// The XDP fast path on the underlay device (`bpf_xdp`: NodePort /
+    /// LoadBalancer requests for backends on other nodes). `auto`: native
+    /// where the driver has it, except on a veth (generic there, see
+    /// [`Xdp::Auto`]); `off`: tc handles everything.
+    #[arg(long, env = "MEMBRANE_XDP", value_enum, default_value = "auto")]
+    pub xdp: Xdp,
     /// Record flows from the datapath's events (off: the agent does not read
     /// them, for benchmarks; the datapath still emits them).
     #[arg(
@@ -167,6 +173,25 @@ pub enum Delivery {
     Stack,
 }
 
+/// Whether and how `bpf_xdp` runs on the underlay device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Xdp {
+    /// Native if the driver accepts it, else generic, else off. On a veth,
+    /// generic: native `XDP_TX` there is dropped unless the peer has NAPI
+    /// (an XDP program or GRO on the other end, which this namespace cannot
+    /// see), and a native frame loses the checksum-offload state of a
+    /// same-host sender.
+    Auto,
+    /// Native (driver) mode, or fail to start. On a veth, the operator
+    /// vouches for the peer's NAPI.
+    Native,
+    /// Generic (skb) mode: every device, at the cost of a copy for skbs
+    /// without XDP headroom, on all of the device's traffic.
+    Generic,
+    /// No XDP: a program a previous agent left is detached.
+    Off,
+}
+
 /// Runs the agent until SIGINT/SIGTERM.
 pub async fn main(args: Args) -> anyhow::Result<()> {
     let _telemetry = telemetry::init("membrane-node-datapath", &args.telemetry)?;
@@ -211,6 +236,12 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
         .attach(bpf::Hook::Host, underlay_ifindex)
         .context("attach bpf_host to the underlay")?;
     tracing::info!(delivery, ?mode, dev = %args.underlay_dev, "datapath loaded");
+    let xdp = attach_xdp(
+        &mut datapath,
+        args.xdp,
+        underlay_ifindex,
+        &args.underlay_dev,
+    )?;
     // Taken once, before anything else could: the reader is one per datapath.
     let events = if args.flows {
         Some(
@@ -352,15 +383,15 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
                 .with_context(|| format!("attach bpf_sock to {}", cgroup.display()))?;
             tracing::info!(cgroup = %cgroup.display(), "socket load balancing attached");
             let channel = rpc::connect_lazy(url, &args.lb_server_name, tls.as_ref())?;
-            let sink = crate::lb::LbSink::new(args.node_name.clone(), sock);
+            let l2 = datapath
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .l2_announcer()
+                .context("open the announced-address map")?;
+            let sink =
+                crate::lb::LbSink::new(args.node_name.clone(), crate::lb::NodeLbMaps { sock, l2 });
             lb_view = Some(sink.view());
-            tasks.push(subscribe(
-                &args.node_name,
-                "lb",
-                channel,
-                sink,
-                &applied_tx,
-            ));
+            tasks.push(subscribe(&args.node_name, "lb", channel, sink, &applied_tx));
         }
         (true, None) => {
             tracing::warn!("--service-lb needs --lb-endpoint: socket load balancing stays off");
@@ -378,6 +409,7 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
         .into_iter()
         .filter(|(_, on)| *on)
         .map(|(n, _)| n.to_string())
+        .chain(xdp.map(|mode| format!("xdp_{mode}")))
         .collect(),
         delivery: delivery.into(),
     };
@@ -507,6 +539,54 @@ impl IpcacheMap for DatapathIpcache {
             .map(drop)
             .map_err(|e| format!("{e:#}"))
     }
+}
+
+/// Applies `--xdp` to the underlay device; returns the mode now active.
+fn attach_xdp(
+    datapath: &mut bpf::Datapath,
+    setting: Xdp,
+    ifindex: u32,
+    dev: &str,
+) -> anyhow::Result<Option<bpf::XdpMode>> {
+    let active = match setting {
+        Xdp::Off => {
+            datapath
+                .detach_xdp(ifindex)
+                .with_context(|| format!("detach bpf_xdp from `{dev}`"))?;
+            None
+        }
+        Xdp::Native | Xdp::Generic => {
+            let mode = if setting == Xdp::Native {
+                bpf::XdpMode::Native
+            } else {
+                bpf::XdpMode::Generic
+            };
+            datapath
+                .attach_xdp(ifindex, mode)
+                .with_context(|| format!("attach bpf_xdp ({mode}) to `{dev}`"))?;
+            Some(mode)
+        }
+        Xdp::Auto => {
+            let veth = crate::netlink::link_kind(dev).as_deref() == Some("veth");
+            let mut tries = vec![bpf::XdpMode::Generic];
+            if !veth {
+                tries.insert(0, bpf::XdpMode::Native);
+            }
+            tries.into_iter().find(|mode| {
+                datapath
+                    .attach_xdp(ifindex, *mode)
+                    .inspect_err(
+                        |e| tracing::warn!(error = %format!("{e:#}"), %mode, "XDP mode refused"),
+                    )
+                    .is_ok()
+            })
+        }
+    };
+    match active {
+        Some(mode) => tracing::info!(%mode, dev, "XDP fast path attached"),
+        None => tracing::warn!(dev, "no XDP fast path: tc handles all underlay traffic"),
+    }
+    Ok(active)
 }
 
 fn datapath_options(delivery: Delivery, f: &bpf::Features) -> anyhow::Result<bpf::DatapathOptions> {

@@ -32,7 +32,7 @@ use membrane_proto::lb::v1 as proto;
 use membrane_runtime::stream::StateSink;
 use prost_types::Any;
 
-use crate::bpf::{LbAlgorithm, LbBackend, LbFrontend, LbProtocol, LbService, SockLb};
+use crate::bpf::{L2Announcer, LbAlgorithm, LbBackend, LbFrontend, LbProtocol, LbService, SockLb};
 
 /// The maps the sink programs (the real ones: [`SockLb`]; tests: a fake).
 pub trait LbMaps: Send + 'static {
@@ -190,10 +190,9 @@ impl LbView {
         let slots = ids
             .iter()
             .map(|b| {
-                backends
-                    .get(b)
-                    .map(|be| be.address)
-                    .ok_or_else(|| format!("slot points to backend id {b}, which is not in the backend map"))
+                backends.get(b).map(|be| be.address).ok_or_else(|| {
+                    format!("slot points to backend id {b}, which is not in the backend map")
+                })
             })
             .collect::<Result<_, _>>()?;
         Ok(Some(ProgrammedTable {
@@ -365,7 +364,11 @@ fn read_programmed<M: LbMaps + ?Sized>(maps: &mut M) -> Result<Programmed, Strin
 
 /// Writes the difference between `have` and `want`: backends and tables
 /// first, then the frontends that use them; removals last.
-fn sync<M: LbMaps + ?Sized>(maps: &mut M, have: &Programmed, want: &Programmed) -> Result<(), String> {
+fn sync<M: LbMaps + ?Sized>(
+    maps: &mut M,
+    have: &Programmed,
+    want: &Programmed,
+) -> Result<(), String> {
     for (id, b) in &want.backends {
         if have.backends.get(id) != Some(b) {
             maps.upsert_backend(*id, *b)?;
@@ -546,6 +549,80 @@ fn want(key: &str, id: u32, svc: &proto::ServiceState) -> Result<Wanted, String>
         algorithm,
         announcers,
     })
+}
+
+/// The node's lb maps: `bpf_sock`'s and the shared ones ([`SockLb`]), and
+/// the underlay's announced addresses ([`L2Announcer`]).
+#[derive(Debug)]
+pub struct NodeLbMaps {
+    /// Services, backends, tables.
+    pub sock: SockLb,
+    /// ARP answers on the underlay.
+    pub l2: L2Announcer,
+}
+
+impl LbMaps for NodeLbMaps {
+    fn frontends(&mut self) -> Result<Vec<(LbFrontend, LbService)>, String> {
+        self.sock.frontends()
+    }
+    fn backends(&mut self) -> Result<Vec<(u32, LbBackend)>, String> {
+        LbMaps::backends(&mut self.sock)
+    }
+    fn table(&mut self, service_id: u32) -> Result<Option<Vec<u32>>, String> {
+        LbMaps::table(&mut self.sock, service_id)
+    }
+    fn upsert_backend(&mut self, id: u32, backend: LbBackend) -> Result<(), String> {
+        LbMaps::upsert_backend(&mut self.sock, id, backend)
+    }
+    fn remove_backend(&mut self, id: u32) -> Result<(), String> {
+        LbMaps::remove_backend(&mut self.sock, id)
+    }
+    fn set_table(&mut self, service_id: u32, backend_ids: &[u32]) -> Result<(), String> {
+        LbMaps::set_table(&mut self.sock, service_id, backend_ids)
+    }
+    fn remove_table(&mut self, service_id: u32) -> Result<(), String> {
+        LbMaps::remove_table(&mut self.sock, service_id)
+    }
+    fn upsert_service(&mut self, frontend: LbFrontend, service: LbService) -> Result<(), String> {
+        LbMaps::upsert_service(&mut self.sock, frontend, service)
+    }
+    fn remove_service(&mut self, frontend: LbFrontend) -> Result<(), String> {
+        LbMaps::remove_service(&mut self.sock, frontend)
+    }
+    fn ext_frontends(&mut self) -> Result<Vec<(LbFrontend, LbService)>, String> {
+        self.sock.ext_frontends()
+    }
+    fn upsert_ext_service(
+        &mut self,
+        frontend: LbFrontend,
+        service: LbService,
+    ) -> Result<(), String> {
+        LbMaps::upsert_ext_service(&mut self.sock, frontend, service)
+    }
+    fn remove_ext_service(&mut self, frontend: LbFrontend) -> Result<(), String> {
+        LbMaps::remove_ext_service(&mut self.sock, frontend)
+    }
+    fn backend_ports(&mut self) -> Result<Vec<LbFrontend>, String> {
+        LbMaps::backend_ports(&mut self.sock)
+    }
+    fn upsert_backend_port(&mut self, port: LbFrontend) -> Result<(), String> {
+        LbMaps::upsert_backend_port(&mut self.sock, port)
+    }
+    fn remove_backend_port(&mut self, port: LbFrontend) -> Result<(), String> {
+        LbMaps::remove_backend_port(&mut self.sock, port)
+    }
+    fn announced(&mut self) -> Result<Vec<Ipv4Addr>, String> {
+        self.l2.announced().map_err(|e| format!("{e:#}"))
+    }
+    fn announce(&mut self, address: Ipv4Addr) -> Result<(), String> {
+        self.l2.announce(address).map_err(|e| format!("{e:#}"))
+    }
+    fn withdraw(&mut self, address: Ipv4Addr) -> Result<(), String> {
+        self.l2
+            .withdraw(address)
+            .map(drop)
+            .map_err(|e| format!("{e:#}"))
+    }
 }
 
 // === impl LbMaps for SockLb ===
@@ -777,9 +854,19 @@ mod tests {
         let before = sink.maps().writes;
         sink.reconcile(&BTreeMap::from([web.clone(), db.clone()]))
             .expect("reconcile");
-        assert_eq!(sink.maps().writes, before, "nothing changed, nothing written");
-        let db2 = named("db", "10.96.0.11", &[(3, "10.244.1.9"), (4, "10.244.2.3")], 0);
-        sink.reconcile(&BTreeMap::from([web, db2])).expect("reconcile");
+        assert_eq!(
+            sink.maps().writes,
+            before,
+            "nothing changed, nothing written"
+        );
+        let db2 = named(
+            "db",
+            "10.96.0.11",
+            &[(3, "10.244.1.9"), (4, "10.244.2.3")],
+            0,
+        );
+        sink.reconcile(&BTreeMap::from([web, db2]))
+            .expect("reconcile");
         // One backend and one table: the web service is not touched.
         assert_eq!(sink.maps().writes, before + 2);
         let table = sink
@@ -834,7 +921,10 @@ mod tests {
     /// `(key, any)` of a service split as the lb service publishes it.
     fn split((key, any): (String, Any)) -> Vec<(String, Any)> {
         let mut svc: proto::ServiceState = any.to_msg().expect("decode");
-        let name = key.strip_prefix("service/").expect("service key").to_string();
+        let name = key
+            .strip_prefix("service/")
+            .expect("service key")
+            .to_string();
         let backends = std::mem::take(&mut svc.backends);
         let mut out = vec![(key, Any::from_msg(&svc).expect("encode"))];
         for b in backends {
@@ -862,11 +952,21 @@ mod tests {
             owners(&sink, "default/web"),
             BTreeSet::from([Ipv4Addr::new(10, 244, 1, 5), Ipv4Addr::new(10, 244, 2, 7)])
         );
-        assert_eq!(owners(&sink, "default/web2"), BTreeSet::from([Ipv4Addr::new(10, 244, 5, 5)]));
+        assert_eq!(
+            owners(&sink, "default/web2"),
+            BTreeSet::from([Ipv4Addr::new(10, 244, 5, 5)])
+        );
         let before = sink.maps().writes;
         state.remove("backend/default/web/10.244.2.7");
         sink.reconcile(&state).expect("reconcile");
-        assert_eq!(owners(&sink, "default/web"), BTreeSet::from([Ipv4Addr::new(10, 244, 1, 5)]));
-        assert_eq!(sink.maps().writes, before + 1, "one table swapped, nothing else written");
+        assert_eq!(
+            owners(&sink, "default/web"),
+            BTreeSet::from([Ipv4Addr::new(10, 244, 1, 5)])
+        );
+        assert_eq!(
+            sink.maps().writes,
+            before + 1,
+            "one table swapped, nothing else written"
+        );
     }
 }

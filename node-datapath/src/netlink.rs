@@ -95,6 +95,22 @@ pub fn link(name: &str) -> Option<LinkInfo> {
         .and_then(|j| parse_link(&j))
 }
 
+/// The kind of a link of this namespace (`veth`, `bridge`, ...; `ip -d`'s
+/// `linkinfo.info_kind`), `None` for a device without one (a physical NIC)
+/// or that does not exist.
+pub fn link_kind(name: &str) -> Option<String> {
+    let json = ip(&["-j", "-d", "link", "show", "dev", name]).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&json).ok()?;
+    Some(
+        v.as_array()?
+            .first()?
+            .get("linkinfo")?
+            .get("info_kind")?
+            .as_str()?
+            .to_owned(),
+    )
+}
+
 /// A link in the namespace at `netns`, `None` if it (or the namespace) does not exist.
 pub fn link_in(netns: &str, name: &str) -> Option<LinkInfo> {
     ip_in(netns, &["-j", "link", "show", "dev", name])

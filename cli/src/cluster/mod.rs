@@ -425,7 +425,10 @@ async fn start(
         if spec.name == "lb" {
             // Nodes program services from the lb stream (socket-level load balancing).
             env.push(("MEMBRANE_LB_PUBLISH".to_string(), "true".to_string()));
-            env.push(("MEMBRANE_LB_ALGORITHM".to_string(), args.lb_algorithm.clone()));
+            env.push((
+                "MEMBRANE_LB_ALGORITHM".to_string(),
+                args.lb_algorithm.clone(),
+            ));
             env.push((
                 "MEMBRANE_LB_MAGLEV_TABLE_SIZE".to_string(),
                 args.maglev_table_size.to_string(),

@@ -1,7 +1,7 @@
 //! `membrane get services` and `membrane lb table SERVICE`.
 
-use membrane_proto::lb::v1 as lb;
 use anyhow::Context as _;
+use membrane_proto::lb::v1 as lb;
 use serde_json::json;
 
 use super::status_err;
@@ -24,12 +24,11 @@ fn frontend(f: &lb::Frontend) -> String {
 /// acknowledged version of the lb stream is at least the version that
 /// published the service).
 pub async fn get_services(ctx: &Ctx, format: Format) -> anyhow::Result<()> {
-    let resp =
-        lb::load_balancer_client::LoadBalancerClient::new(ctx.service_channel("lb").await?)
-            .list_services(lb::ListServicesRequest {})
-            .await
-            .map_err(|s| status_err("list services", s))?
-            .into_inner();
+    let resp = lb::load_balancer_client::LoadBalancerClient::new(ctx.service_channel("lb").await?)
+        .list_services(lb::ListServicesRequest {})
+        .await
+        .map_err(|s| status_err("list services", s))?
+        .into_inner();
     let items: Vec<_> = resp
         .services
         .iter()
@@ -125,15 +124,14 @@ pub async fn lb_table(
                 .find(|n| n.name == node)
                 .with_context(|| format!("node `{node}` is not part of this cluster"))?
                 .clone();
-            let r = membrane_proto::node::v1::node_client::NodeClient::new(
-                ctx.connect(&target).await?,
-            )
-            .service_table(membrane_proto::node::v1::ServiceTableRequest {
-                service: service.to_string(),
-            })
-            .await
-            .map_err(|s| status_err(&format!("service table on {node}"), s))?
-            .into_inner();
+            let r =
+                membrane_proto::node::v1::node_client::NodeClient::new(ctx.connect(&target).await?)
+                    .service_table(membrane_proto::node::v1::ServiceTableRequest {
+                        service: service.to_string(),
+                    })
+                    .await
+                    .map_err(|s| status_err(&format!("service table on {node}"), s))?
+                    .into_inner();
             TableView {
                 service: r.service,
                 node: r.node,
@@ -144,16 +142,15 @@ pub async fn lb_table(
             }
         }
         None => {
-            let r = lb::load_balancer_client::LoadBalancerClient::new(
-                ctx.service_channel("lb").await?,
-            )
-            .maglev_table(lb::MaglevTableRequest {
-                service: service.to_string(),
-                node: String::new(),
-            })
-            .await
-            .map_err(|s| status_err("maglev table", s))?
-            .into_inner();
+            let r =
+                lb::load_balancer_client::LoadBalancerClient::new(ctx.service_channel("lb").await?)
+                    .maglev_table(lb::MaglevTableRequest {
+                        service: service.to_string(),
+                        node: String::new(),
+                    })
+                    .await
+                    .map_err(|s| status_err("maglev table", s))?
+                    .into_inner();
             TableView {
                 service: r.service,
                 node: String::new(),

@@ -29,6 +29,8 @@
 #define IPCACHE_MAP_SIZE 65536
 #define POLICY_MAP_SIZE 65536
 #define EP_DROPS_MAP_SIZE (ENDPOINT_MAP_SIZE * 4)
+#define LB_ANNOUNCE_MAP_SIZE 4096
+#define L2_DEV_MAP_SIZE 16
 
 /* --- identities --- */
 
@@ -176,6 +178,17 @@ struct ep_drop_key {
 	__u16 pad;
 };
 
+/* --- L2 announcement of service addresses (arp.h) --- */
+
+/* mb_lb_announce: announced IPv4 (network order) -> LB_ANNOUNCE_F_* */
+#define LB_ANNOUNCE_F_ARP 0x1 /* answer ARP requests for it */
+
+/* mb_l2_dev: ifindex of an underlay device -> its MAC (the sender of our replies) */
+struct l2_dev {
+	__u8 mac[6];
+	__u8 pad[2];
+};
+
 /* --- metrics: per-CPU array indexed by enum metric --- */
 
 enum metric {
@@ -188,6 +201,9 @@ enum metric {
 	METRIC_CT_ESTABLISHED = 6,
 	METRIC_CT_REPLY = 7,
 	METRIC_TO_LXC = 8,        /* packets the stack delivers to pods (to_container) */
+	METRIC_ARP_REPLY = 9,     /* ARP replies sent for announced addresses */
+	METRIC_XDP_RX = 10,       /* packets seen by bpf_xdp on the underlay */
+	METRIC_XDP_TX = 11,       /* NodePort/LB requests bpf_xdp translated and sent back out */
 	/* METRIC_DROP_BASE + enum drop_reason */
 	METRIC_DROP_BASE = 16,
 	METRIC_MAX = 32,
@@ -200,6 +216,7 @@ enum drop_reason {
 	DROP_REWRITE_FAILED = 4,/* skb store/checksum helper failed */
 	DROP_POLICY_DENY = 5,   /* a deny entry matched */
 	DROP_POLICY_DEFAULT_DENY = 6, /* enforced direction, no entry allowed it */
+	DROP_NAT_NO_PORT = 7,   /* no free SNAT port towards a remote service backend */
 	DROP_REASON_MAX = 15,
 };
 

@@ -55,21 +55,9 @@ struct pkt4 {
 #define ctx_data(ctx) ((void *)(long)(ctx)->data)
 #define ctx_data_end(ctx) ((void *)(long)(ctx)->data_end)
 
-/*
- * Parse ctx into p. Headers may sit outside the skb's linear area (GSO
- * packets from a local socket, or a veth that did not linearise): pull at
- * most MAX_PARSE_LEN bytes once, then use direct packet access. Pulling
- * invalidates packet pointers, so it happens before any is taken.
- */
-static __always_inline int parse_ipv4(struct __sk_buff *ctx, struct pkt4 *p)
+/* Context-free (tc and XDP): parse the frame [data, data_end) into p. */
+static __always_inline int parse_ipv4_data(void *data, void *data_end, struct pkt4 *p)
 {
-	__u32 want = ctx->len < MAX_PARSE_LEN ? ctx->len : MAX_PARSE_LEN;
-
-	if (ctx_data(ctx) + want > ctx_data_end(ctx))
-		bpf_skb_pull_data(ctx, want); /* on failure the bounds checks below catch it */
-
-	void *data = ctx_data(ctx);
-	void *data_end = ctx_data_end(ctx);
 	struct ethhdr *eth = data;
 	struct iphdr *ip4 = data + ETH_HLEN;
 
@@ -139,6 +127,21 @@ static __always_inline int parse_ipv4(struct __sk_buff *ctx, struct pkt4 *p)
 		break; /* other protocols: tracked by addresses and protocol only */
 	}
 	return PARSE_OK;
+}
+
+/*
+ * Parse ctx into p. Headers may sit outside the skb's linear area (GSO
+ * packets from a local socket, or a veth that did not linearise): pull at
+ * most MAX_PARSE_LEN bytes once, then use direct packet access. Pulling
+ * invalidates packet pointers, so it happens before any is taken.
+ */
+static __always_inline int parse_ipv4(struct __sk_buff *ctx, struct pkt4 *p)
+{
+	__u32 want = ctx->len < MAX_PARSE_LEN ? ctx->len : MAX_PARSE_LEN;
+
+	if (ctx_data(ctx) + want > ctx_data_end(ctx))
+		bpf_skb_pull_data(ctx, want); /* on failure the bounds checks below catch it */
+	return parse_ipv4_data(ctx_data(ctx), ctx_data_end(ctx), p);
 }
 
 /*

@@ -11,19 +11,32 @@
  *   device the request came in on (bpf_redirect_neigh), bypassing the
  *   node's stack and netfilter (which never saw the request).
  * - Remote backend ("SNAT mode"): DNAT and SNAT to this node's underlay
- *   address (source port kept), forwarded with a FIB lookup. The reply
- *   comes back to this node, where bpf_host rewrites it back (frontend ->
- *   client) and sends it out again. On the backend's node the request
- *   (source: a remote node, destination: a backend port listed in
- *   mb_lb_be_ports) gets an identity reverse entry, so bpf_lxc sends the
- *   reply straight out of the underlay: through that node's stack it would
- *   be masqueraded (nftables never saw the request). Limitation: two clients using the same
- *   source port towards the same backend collide (the later flow's reverse
- *   entry wins); Cilium allocates SNAT ports, we do not yet.
+ *   address, forwarded with a FIB lookup. The source port is allocated
+ *   (np_snat_alloc): the client's own when no other flow to that backend
+ *   uses it, else one of CONFIG_SNAT_PORT_MIN..MAX found by a hash of the
+ *   flow and a bounded linear probe; none free: the packet is dropped
+ *   (DROP_NAT_NO_PORT). The reverse entry (backend, node, backend port,
+ *   SNAT port) restores the client's address and port. The reply comes
+ *   back to this node, where bpf_host rewrites it back (frontend -> client)
+ *   and sends it out again. On the backend's node the request (source: a
+ *   remote node, destination: a backend port listed in mb_lb_be_ports) gets
+ *   an identity reverse entry, so bpf_lxc sends the reply straight out of
+ *   the underlay: through that node's stack it would be masqueraded
+ *   (nftables never saw the request). Limitation: the node's own
+ *   connections are not in mb_lb_nat4, so a connection of the node itself
+ *   from its underlay address to a backend's port, using a port a SNATed
+ *   flow holds, would have its replies taken for that flow's (the default
+ *   range is the kernel's ephemeral range; Cilium avoids this by tracking
+ *   host connections in its SNAT table).
  * - No backend: the packet goes to the stack untouched (a NodePort then
  *   gets the stack's RST / port unreachable).
  * With no entry in mb_lb_ext_services / mb_lb_nat4 (service LB off) nothing
  * here changes a packet.
+ *
+ * The decision and the state (np_plan_forward, np_commit, np_snat_alloc,
+ * np_reverse_entry) take no context, so bpf_xdp runs the same code in front
+ * of bpf_host for requests to remote backends; only the packet rewrite
+ * differs (skb helpers here, np_apply_data on linear memory there).
  */
 #ifndef MEMBRANE_NODEPORT_H
 #define MEMBRANE_NODEPORT_H
@@ -33,10 +46,13 @@
 #include <linux/if_ether.h>
 #include <linux/in.h>
 #include <linux/ip.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
 #include "common.h"
+#include "csum.h"
 #include "endpoints.h"
 #include "ipv4.h"
 #include "lb.h"
@@ -129,6 +145,18 @@ static __always_inline int np_l4(const struct pkt4 *p)
 	       (p->tuple.sport || p->tuple.dport);
 }
 
+/* Context-free: the reverse entry of p when p is a reply of a translated flow. */
+static __always_inline struct lb_nat *np_reverse_entry(const struct pkt4 *p)
+{
+	struct lb_nat_key k;
+
+	if (!np_l4(p))
+		return NULL;
+	np_key(&k, p->tuple.saddr, p->tuple.daddr, p->tuple.sport, p->tuple.dport, p->tuple.proto,
+	       LB_NAT_REV);
+	return bpf_map_lookup_elem(&mb_lb_nat4, &k);
+}
+
 /*
  * A reply of a translated flow (its reverse entry): rewritten back to
  * frontend -> client. Returns 1 (and the ifindex to leave by) when it was,
@@ -136,14 +164,8 @@ static __always_inline int np_l4(const struct pkt4 *p)
  */
 static __always_inline int np_reverse(struct __sk_buff *ctx, struct pkt4 *p, __u32 *ifindex)
 {
-	struct lb_nat_key k;
-	struct lb_nat *n;
+	struct lb_nat *n = np_reverse_entry(p);
 
-	if (!np_l4(p))
-		return 0;
-	np_key(&k, p->tuple.saddr, p->tuple.daddr, p->tuple.sport, p->tuple.dport, p->tuple.proto,
-	       LB_NAT_REV);
-	n = bpf_map_lookup_elem(&mb_lb_nat4, &k);
 	if (!n)
 		return 0;
 	*ifindex = n->ifindex;
@@ -193,12 +215,36 @@ static __always_inline struct lb_backend *np_select(const struct pkt4 *p,
 }
 
 /*
- * The forward direction at bpf_host: an established translated flow, or a
- * new one to a service frontend. Returns 0 with the packet translated and
- * *remote set when the backend is on another node (SNATed), NP_NOT_OURS
- * when it is no service traffic (or has no backend), -2 on rewrite failure.
+ * SNAT source ports for flows to remote backends: the client's own port when
+ * it is free towards that backend, else one of [MIN, MAX] (load-time
+ * constants, patched by the loader; see np_snat_alloc).
  */
-static __always_inline int np_forward(struct __sk_buff *ctx, struct pkt4 *p, int *remote)
+volatile const __u16 CONFIG_SNAT_PORT_MIN = 32768;
+volatile const __u16 CONFIG_SNAT_PORT_MAX = 60999;
+
+/* Ports tried after the client's own, as Cilium's snat_v4_new_mapping does. */
+#define NP_SNAT_RETRIES 32
+
+#define NP_REWRITE_FAILED (-2)
+#define NP_NO_PORT (-3)
+
+/*
+ * What the forward direction of a flow becomes: an established flow's
+ * translation (its LB_NAT_FWD entry), or a new flow's, decided but not yet
+ * in the map (is_new: np_commit allocates its port and writes the entries).
+ */
+struct np_plan {
+	struct lb_nat fwd;
+	__u8 is_new;
+	__u8 remote; /* the backend is on another node: SNATed to this node */
+};
+
+/*
+ * Context-free (tc and XDP): the translation of a packet of p's forward
+ * direction. Reads maps, writes none. Returns 0 with *plan filled, or
+ * NP_NOT_OURS when it is no service traffic (or the service has no backend).
+ */
+static __always_inline int np_plan_forward(const struct pkt4 *p, struct np_plan *plan)
 {
 	struct lb_nat_key k;
 	struct lb_nat *n;
@@ -208,55 +254,196 @@ static __always_inline int np_forward(struct __sk_buff *ctx, struct pkt4 *p, int
 	np_key(&k, p->tuple.saddr, p->tuple.daddr, p->tuple.sport, p->tuple.dport, p->tuple.proto,
 	       LB_NAT_FWD);
 	n = bpf_map_lookup_elem(&mb_lb_nat4, &k);
-	if (!n) {
-		__be32 node_addr;
-		struct lb_service *svc = np_service(p, &node_addr);
-
-		if (!svc)
-			return NP_NOT_OURS;
-		struct lb_backend *be = np_select(p, svc);
-
-		if (!be)
-			return NP_NOT_OURS;
-		__be16 port = be->port;
-
-		if (!port)
-			port = svc->target_port;
-		if (!port)
-			port = p->tuple.dport;
-		int local = lookup_endpoint(be->address) != NULL;
-		__be32 src = local ? p->tuple.saddr : node_addr;
-
-		if (!src)
-			return NP_NOT_OURS;
-		struct lb_nat fwd = {
-			.saddr = src,
-			.daddr = be->address,
-			.sport = p->tuple.sport,
-			.dport = port,
-			.ifindex = ctx->ifindex,
-		};
-		struct lb_nat rev = {
-			.saddr = p->tuple.daddr,
-			.daddr = p->tuple.saddr,
-			.sport = p->tuple.dport,
-			.dport = p->tuple.sport,
-			.ifindex = ctx->ifindex,
-		};
-		struct lb_nat_key rk;
-
-		np_key(&rk, be->address, src, port, p->tuple.sport, p->tuple.proto, LB_NAT_REV);
-		if (bpf_map_update_elem(&mb_lb_nat4, &rk, &rev, BPF_ANY) < 0 ||
-		    bpf_map_update_elem(&mb_lb_nat4, &k, &fwd, BPF_ANY) < 0)
-			return NP_NOT_OURS;
-		*remote = !local;
-		if (np_apply(ctx, p, &fwd) < 0)
-			return -2;
+	if (n) {
+		plan->fwd = *n;
+		plan->is_new = 0;
+		plan->remote = n->saddr != k.saddr;
 		return 0;
 	}
-	*remote = n->saddr != k.saddr;
-	if (np_apply(ctx, p, n) < 0)
-		return -2;
+	__be32 node_addr;
+	struct lb_service *svc = np_service(p, &node_addr);
+
+	if (!svc)
+		return NP_NOT_OURS;
+	struct lb_backend *be = np_select(p, svc);
+
+	if (!be)
+		return NP_NOT_OURS;
+	__be16 port = be->port;
+
+	if (!port)
+		port = svc->target_port;
+	if (!port)
+		port = p->tuple.dport;
+	int local = lookup_endpoint(be->address) != NULL;
+	__be32 src = local ? p->tuple.saddr : node_addr;
+
+	if (!src)
+		return NP_NOT_OURS;
+	plan->fwd.saddr = src;
+	plan->fwd.daddr = be->address;
+	plan->fwd.sport = p->tuple.sport;
+	plan->fwd.dport = port;
+	plan->fwd.ifindex = 0;
+	plan->is_new = 1;
+	plan->remote = !local;
+	return 0;
+}
+
+/*
+ * Take the reverse entry rk -> rev unless another flow holds it. A flow
+ * finding its own entry (its forward entry was evicted from the LRU, the
+ * reverse one was not) takes it back.
+ */
+static __always_inline int np_snat_claim(const struct lb_nat_key *rk, const struct lb_nat *rev)
+{
+	if (bpf_map_update_elem(&mb_lb_nat4, rk, rev, BPF_NOEXIST) == 0)
+		return 1;
+	struct lb_nat *cur = bpf_map_lookup_elem(&mb_lb_nat4, rk);
+
+	return cur && cur->saddr == rev->saddr && cur->daddr == rev->daddr &&
+	       cur->sport == rev->sport && cur->dport == rev->dport;
+}
+
+/*
+ * Allocate the SNAT port of a new flow to a remote backend: the port in the
+ * reverse key (backend, node, backend port, SNAT port) must be unique among
+ * the flows to that backend, or their replies could not be told apart. The
+ * client's own port first (most flows keep it), then NP_SNAT_RETRIES ports
+ * of the range from a hash of the flow, probing linearly. The reverse entry
+ * is written by the claim. Returns 0 with rk->dport the port, or NP_NO_PORT.
+ */
+static __always_inline int np_snat_alloc(const struct pkt4 *p, struct lb_nat_key *rk,
+					 const struct lb_nat *rev)
+{
+	__u32 min = CONFIG_SNAT_PORT_MIN;
+	__u32 span = (__u32)CONFIG_SNAT_PORT_MAX - min + 1;
+	__u32 h;
+
+	rk->dport = p->tuple.sport;
+	if (np_snat_claim(rk, rev))
+		return 0;
+	if (CONFIG_SNAT_PORT_MAX < min)
+		return NP_NO_PORT;
+	h = lb_fmix32(p->tuple.saddr ^ lb_fmix32(p->tuple.daddr ^ 0x736e6174)); /* "snat" */
+	h = lb_fmix32(h ^ (((__u32)p->tuple.sport << 16) | p->tuple.dport) ^ p->tuple.proto);
+	for (__u32 i = 0; i < NP_SNAT_RETRIES; i++) {
+		rk->dport = bpf_htons((__u16)(min + (h + i) % span));
+		if (np_snat_claim(rk, rev))
+			return 0;
+	}
+	return NP_NO_PORT;
+}
+
+/*
+ * Context-free: make a planned new flow real. Its replies will leave by
+ * `ifindex`. For a remote backend the SNAT port is allocated
+ * (plan->fwd.sport). Returns 0 (nothing to do for an established flow),
+ * NP_NO_PORT, or NP_NOT_OURS when the map refused the entries (the packet
+ * then goes on untranslated, as without service LB).
+ */
+static __always_inline int np_commit(const struct pkt4 *p, struct np_plan *plan, __u32 ifindex)
+{
+	struct lb_nat_key k, rk;
+	struct lb_nat rev = {
+		.saddr = p->tuple.daddr,
+		.daddr = p->tuple.saddr,
+		.sport = p->tuple.dport,
+		.dport = p->tuple.sport,
+		.ifindex = ifindex,
+	};
+
+	if (!plan->is_new)
+		return 0;
+	plan->fwd.ifindex = ifindex;
+	np_key(&rk, plan->fwd.daddr, plan->fwd.saddr, plan->fwd.dport, p->tuple.sport,
+	       p->tuple.proto, LB_NAT_REV);
+	if (plan->remote) {
+		if (np_snat_alloc(p, &rk, &rev) < 0)
+			return NP_NO_PORT;
+		plan->fwd.sport = rk.dport;
+	} else if (bpf_map_update_elem(&mb_lb_nat4, &rk, &rev, BPF_ANY) < 0) {
+		/* Local backend: the client's own address and port, unique already. */
+		return NP_NOT_OURS;
+	}
+	np_key(&k, p->tuple.saddr, p->tuple.daddr, p->tuple.sport, p->tuple.dport, p->tuple.proto,
+	       LB_NAT_FWD);
+	if (bpf_map_update_elem(&mb_lb_nat4, &k, &plan->fwd, BPF_ANY) < 0) {
+		bpf_map_delete_elem(&mb_lb_nat4, &rk);
+		return NP_NOT_OURS;
+	}
+	plan->is_new = 0;
+	return 0;
+}
+
+/*
+ * The forward direction at bpf_host: an established translated flow, or a
+ * new one to a service frontend. Returns 0 with the packet translated and
+ * *remote set when the backend is on another node (SNATed), NP_NOT_OURS
+ * when it is no service traffic (or has no backend), NP_NO_PORT when no
+ * SNAT port was free, NP_REWRITE_FAILED on rewrite failure.
+ */
+static __always_inline int np_forward(struct __sk_buff *ctx, struct pkt4 *p, int *remote)
+{
+	struct np_plan plan;
+	int ret = np_plan_forward(p, &plan);
+
+	if (ret < 0)
+		return ret;
+	ret = np_commit(p, &plan, ctx->ifindex);
+	if (ret < 0)
+		return ret;
+	*remote = plan.remote;
+	if (np_apply(ctx, p, &plan.fwd) < 0)
+		return NP_REWRITE_FAILED;
+	return 0;
+}
+
+/*
+ * Context-free rewrite of a TCP/UDP packet in linear memory (XDP): addresses
+ * and ports to n's, checksums updated incrementally. The caller checked that
+ * the IPv4 header has no options (ihl 5) and that the L4 header is there
+ * (parse_ipv4_data). Returns 0, or -1 if the headers are out of bounds.
+ */
+static __always_inline int np_apply_data(void *data, void *data_end, __u8 proto,
+					 const struct lb_nat *n)
+{
+	struct iphdr *ip4 = data + ETH_HLEN;
+	__u16 *l4csum = NULL;
+	__be16 *ports = (void *)(ip4 + 1);
+
+	if ((void *)(ip4 + 1) > data_end)
+		return -1;
+	if (proto == IPPROTO_TCP) {
+		struct tcphdr *tcp = (void *)(ip4 + 1);
+
+		if ((void *)(tcp + 1) > data_end)
+			return -1;
+		l4csum = (__u16 *)&tcp->check;
+	} else {
+		struct udphdr *udp = (void *)(ip4 + 1);
+
+		if ((void *)(udp + 1) > data_end)
+			return -1;
+		/* 0: the sender computed none, and none is owed. */
+		if (udp->check)
+			l4csum = (__u16 *)&udp->check;
+	}
+	csum_replace4((__u16 *)&ip4->check, ip4->saddr, n->saddr);
+	csum_replace4((__u16 *)&ip4->check, ip4->daddr, n->daddr);
+	if (l4csum) {
+		/* The pseudo header carries the addresses. */
+		csum_replace4(l4csum, ip4->saddr, n->saddr);
+		csum_replace4(l4csum, ip4->daddr, n->daddr);
+		csum_replace2(l4csum, ports[0], n->sport);
+		csum_replace2(l4csum, ports[1], n->dport);
+		if (proto == IPPROTO_UDP && *l4csum == 0)
+			*l4csum = 0xffff;
+	}
+	ip4->saddr = n->saddr;
+	ip4->daddr = n->daddr;
+	ports[0] = n->sport;
+	ports[1] = n->dport;
 	return 0;
 }
 

@@ -53,6 +53,12 @@ pub(crate) const CT_EGRESS: u8 = 0;
 pub(crate) const CT_INGRESS: u8 = 1;
 pub(crate) const CT_F_SEEN_REPLY: u16 = 0x1;
 
+#[allow(dead_code, reason = "mirrors common.h; checked by the layout test")]
+pub(crate) const LB_ANNOUNCE_MAP_SIZE: u32 = 4096;
+#[allow(dead_code, reason = "mirrors common.h; checked by the layout test")]
+pub(crate) const L2_DEV_MAP_SIZE: u32 = 16;
+pub(crate) const LB_ANNOUNCE_F_ARP: u32 = 0x1;
+
 pub(crate) const METRIC_LXC_RX: u32 = 0;
 pub(crate) const METRIC_HOST_RX: u32 = 1;
 pub(crate) const METRIC_PASS: u32 = 2;
@@ -62,6 +68,9 @@ pub(crate) const METRIC_CT_NEW: u32 = 5;
 pub(crate) const METRIC_CT_ESTABLISHED: u32 = 6;
 pub(crate) const METRIC_CT_REPLY: u32 = 7;
 pub(crate) const METRIC_TO_LXC: u32 = 8;
+pub(crate) const METRIC_ARP_REPLY: u32 = 9;
+pub(crate) const METRIC_XDP_RX: u32 = 10;
+pub(crate) const METRIC_XDP_TX: u32 = 11;
 pub(crate) const METRIC_DROP_BASE: u32 = 16;
 pub(crate) const METRIC_MAX: u32 = 32;
 
@@ -71,6 +80,7 @@ pub(crate) const DROP_TTL_EXCEEDED: u16 = 3;
 pub(crate) const DROP_REWRITE_FAILED: u16 = 4;
 pub(crate) const DROP_POLICY_DENY: u16 = 5;
 pub(crate) const DROP_POLICY_DEFAULT_DENY: u16 = 6;
+pub(crate) const DROP_NAT_NO_PORT: u16 = 7;
 pub(crate) const DROP_REASON_MAX: u16 = 15;
 
 pub(crate) const EVENT_TRACE_NEW_CONN: u8 = 1;
@@ -175,6 +185,14 @@ pub(crate) struct EpDropKeyRaw {
     pub pad: u16,
 }
 
+/// `struct l2_dev`; the map key is the device's ifindex.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct L2DevRaw {
+    pub mac: [u8; 6],
+    pub pad: [u8; 2],
+}
+
 /// `struct metric_value`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -261,8 +279,8 @@ impl TraceEventRaw {
 #[allow(unsafe_code)]
 mod pod {
     use super::{
-        CtEntryRaw, CtKeyRaw, EndpointInfoRaw, EpDropKeyRaw, IpcacheValueRaw, MetricValueRaw,
-        PolicyKeyData, PolicyValueRaw,
+        CtEntryRaw, CtKeyRaw, EndpointInfoRaw, EpDropKeyRaw, IpcacheValueRaw, L2DevRaw,
+        MetricValueRaw, PolicyKeyData, PolicyValueRaw,
     };
 
     unsafe impl aya::Pod for EndpointInfoRaw {}
@@ -273,6 +291,7 @@ mod pod {
     unsafe impl aya::Pod for CtKeyRaw {}
     unsafe impl aya::Pod for CtEntryRaw {}
     unsafe impl aya::Pod for MetricValueRaw {}
+    unsafe impl aya::Pod for L2DevRaw {}
 }
 
 #[cfg(test)]
@@ -308,6 +327,7 @@ mod tests {
             "flags" => flags, "pad" => pad,
         ]);
         layout!("metric_value", MetricValueRaw, ["packets" => packets, "bytes" => bytes]);
+        layout!("l2_dev", L2DevRaw, ["mac" => mac, "pad" => pad]);
         layout!("trace_event", TraceEventRaw, [
             "ts_ns" => ts_ns, "type" => kind, "source" => source, "reason" => reason,
             "ifindex" => ifindex, "pkt_len" => pkt_len, "rule_id" => rule_id, "tuple" => tuple,
@@ -379,6 +399,12 @@ mod tests {
             ("POLICY_PREFIX_FULL", u64::from(POLICY_PREFIX_FULL)),
             ("TRACE_DIR_NONE", u64::from(TRACE_DIR_NONE)),
             ("METRIC_TO_LXC", u64::from(METRIC_TO_LXC)),
+            ("METRIC_ARP_REPLY", u64::from(METRIC_ARP_REPLY)),
+            ("METRIC_XDP_RX", u64::from(METRIC_XDP_RX)),
+            ("METRIC_XDP_TX", u64::from(METRIC_XDP_TX)),
+            ("LB_ANNOUNCE_MAP_SIZE", u64::from(LB_ANNOUNCE_MAP_SIZE)),
+            ("L2_DEV_MAP_SIZE", u64::from(L2_DEV_MAP_SIZE)),
+            ("LB_ANNOUNCE_F_ARP", u64::from(LB_ANNOUNCE_F_ARP)),
             ("DROP_POLICY_DENY", u64::from(DROP_POLICY_DENY)),
             (
                 "DROP_POLICY_DEFAULT_DENY",
@@ -402,6 +428,7 @@ mod tests {
             ("DROP_CT_FULL", u64::from(DROP_CT_FULL)),
             ("DROP_TTL_EXCEEDED", u64::from(DROP_TTL_EXCEEDED)),
             ("DROP_REWRITE_FAILED", u64::from(DROP_REWRITE_FAILED)),
+            ("DROP_NAT_NO_PORT", u64::from(DROP_NAT_NO_PORT)),
             ("DROP_REASON_MAX", u64::from(DROP_REASON_MAX)),
             ("EVENT_TRACE_NEW_CONN", u64::from(EVENT_TRACE_NEW_CONN)),
             ("EVENT_DROP", u64::from(EVENT_DROP)),

@@ -6,6 +6,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs, io,
     net::Ipv4Addr,
+    ops::RangeInclusive,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -17,9 +18,11 @@ use aya::{
         lpm_trie::{Key, LpmTrie},
     },
     programs::{
-        LinkOrder, ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions,
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp,
+        XdpMode as AyaXdpMode,
         links::{FdLink, LinkError, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
+        xdp::XdpLink,
     },
     sys::SyscallError,
 };
@@ -27,16 +30,20 @@ use aya::{
 use ipnet::Ipv4Net;
 
 use super::{
-    AttachError, Error, Hook, LAYOUT_VERSION,
+    AttachError, Error, Hook, L2Announcer, LAYOUT_VERSION,
     abi::{
-        self, CtEntryRaw, CtKeyRaw, EndpointInfoRaw, EpDropKeyRaw, IpcacheValueRaw, MetricValueRaw,
-        PolicyKeyData, PolicyValueRaw,
+        self, CtEntryRaw, CtKeyRaw, EndpointInfoRaw, EpDropKeyRaw, IpcacheValueRaw, L2DevRaw,
+        MetricValueRaw, PolicyKeyData, PolicyValueRaw,
     },
+    announce,
     events::EventReader,
     features::Features,
     objects,
     policy::{self, MapKey, MapValue, PolicyEntry},
-    types::{Counter, CtEntry, Direction, DropReason, EndpointInfo, Flow, Metrics, TcVerdict},
+    types::{
+        Counter, CtEntry, Direction, DropReason, EndpointInfo, Flow, MacAddr, Metrics, TcVerdict,
+        XdpAction, XdpMode,
+    },
 };
 
 const MAP_ENDPOINTS: &str = "mb_endpoints";
@@ -46,6 +53,7 @@ const MAP_EVENTS: &str = "mb_events";
 const MAP_IPCACHE: &str = "mb_ipcache";
 const MAP_POLICY: &str = "mb_policy";
 const MAP_EP_DROPS: &str = "mb_ep_drops";
+const MAP_L2_DEV: &str = "mb_l2_dev";
 
 /// Load-time switches, baked into the programs as constants (so the verifier
 /// prunes disabled paths and a kernel lacking a helper still loads them).
@@ -71,6 +79,27 @@ pub enum PolicyMode {
     CompiledOut,
 }
 
+/// Load-time settings beyond [`DatapathOptions`] (constants in the programs
+/// too), for [`Datapath::load_with`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoadConfig {
+    /// Whether the programs contain network policy.
+    pub policy: PolicyMode,
+    /// The source ports a NodePort/LoadBalancer flow to a backend on another
+    /// node is SNATed to when the client's own port is taken towards that
+    /// backend (`bpf/lib/nodeport.h`). Default: 32768..=60999.
+    pub snat_ports: RangeInclusive<u16>,
+}
+
+impl Default for LoadConfig {
+    fn default() -> Self {
+        Self {
+            policy: PolicyMode::Enforced,
+            snat_ports: 32768..=60999,
+        }
+    }
+}
+
 /// How [`Datapath::attach`] got the program onto the interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttachMode {
@@ -94,6 +123,14 @@ pub struct TestRunOutput {
     pub mark: u32,
 }
 
+/// The result of running one frame through `bpf_xdp` with `BPF_PROG_TEST_RUN`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct XdpTestOutput {
+    pub action: XdpAction,
+    /// The frame as the program left it.
+    pub packet: Vec<u8>,
+}
+
 /// `struct __sk_buff`: `mark` is its third u32 (uapi, stable). The kernel
 /// accepts a shorter context in (the rest zero) and needs room for all of it
 /// out (192 bytes on 6.x; more leaves room for growth).
@@ -108,6 +145,8 @@ pub struct Datapath {
     link_dir: PathBuf,
     lxc: Ebpf,
     host: Ebpf,
+    /// `bpf_xdp`: loaded always (cheap), attached on request ([`Datapath::attach_xdp`]).
+    xdp: Ebpf,
     endpoints: HashMap<MapData, [u8; 4], EndpointInfoRaw>,
     ct: HashMap<MapData, CtKeyRaw, CtEntryRaw>,
     metrics: PerCpuArray<MapData, MetricValueRaw>,
@@ -119,20 +158,36 @@ pub struct Datapath {
 
 struct Object {
     name: &'static str,
+    kind: ProgramKind,
     programs: &'static [&'static str],
     bytes: &'static [u8],
 }
 
+#[derive(Clone, Copy)]
+enum ProgramKind {
+    Tc,
+    Xdp,
+}
+
 const LXC: Object = Object {
     name: "bpf_lxc",
+    kind: ProgramKind::Tc,
     programs: &[PROG_FROM_CONTAINER, PROG_TO_CONTAINER],
     bytes: objects::LXC,
 };
 const HOST: Object = Object {
     name: "bpf_host",
+    kind: ProgramKind::Tc,
     programs: &[PROG_FROM_NETDEV],
     bytes: objects::HOST,
 };
+const XDP: Object = Object {
+    name: "bpf_xdp",
+    kind: ProgramKind::Xdp,
+    programs: &[PROG_XDP],
+    bytes: objects::XDP,
+};
+const PROG_XDP: &str = "xdp_underlay";
 const PROG_FROM_CONTAINER: &str = "from_container";
 const PROG_TO_CONTAINER: &str = "to_container";
 const PROG_FROM_NETDEV: &str = "from_netdev";
@@ -178,6 +233,25 @@ impl Datapath {
         opts: &DatapathOptions,
         policy: PolicyMode,
     ) -> Result<Self, Error> {
+        let config = LoadConfig {
+            policy,
+            ..LoadConfig::default()
+        };
+        Self::load_with(pin_dir, opts, &config)
+    }
+
+    /// [`Datapath::load`] with every load-time setting given.
+    pub fn load_with(
+        pin_dir: &Path,
+        opts: &DatapathOptions,
+        config: &LoadConfig,
+    ) -> Result<Self, Error> {
+        if config.snat_ports.is_empty() {
+            return Err(Error::EmptySnatPorts {
+                start: *config.snat_ports.start(),
+                end: *config.snat_ports.end(),
+            });
+        }
         let map_dir = pin_dir.join(format!("v{LAYOUT_VERSION}"));
         let link_dir = pin_dir.join("links");
         for dir in [&map_dir, &link_dir] {
@@ -193,10 +267,15 @@ impl Datapath {
             path: lb_dir.clone(),
             source,
         })?;
-        let features = opts.feature_bits();
-        let policy_enabled = u32::from(policy == PolicyMode::Enforced);
-        let mut lxc = load_object(&LXC, &map_dir, &lb_dir, features, policy_enabled)?;
-        let host = load_object(&HOST, &map_dir, &lb_dir, features, policy_enabled)?;
+        let consts = Constants {
+            features: opts.feature_bits(),
+            policy_enabled: u32::from(config.policy == PolicyMode::Enforced),
+            snat_port_min: *config.snat_ports.start(),
+            snat_port_max: *config.snat_ports.end(),
+        };
+        let mut lxc = load_object(&LXC, &map_dir, &lb_dir, &consts)?;
+        let host = load_object(&HOST, &map_dir, &lb_dir, &consts)?;
+        let xdp = load_object(&XDP, &map_dir, &lb_dir, &consts)?;
 
         // Both objects share the pinned maps: open them once, from bpf_lxc.
         let endpoints = typed_map(&mut lxc, MAP_ENDPOINTS, HashMap::try_from)?;
@@ -212,6 +291,7 @@ impl Datapath {
             link_dir,
             lxc,
             host,
+            xdp,
             endpoints,
             ct,
             metrics,
@@ -252,6 +332,33 @@ impl Datapath {
         })
     }
 
+    /// Tells bpf_host the MAC of underlay device `ifindex`: ARP replies for
+    /// announced addresses arriving there carry it (and only devices listed
+    /// this way answer). [`Datapath::attach`] of [`Hook::Host`] sets it from
+    /// the device.
+    pub fn set_l2_device(&mut self, ifindex: u32, mac: MacAddr) -> Result<(), Error> {
+        let map = self.host.map_mut(MAP_L2_DEV).ok_or(Error::MissingMap {
+            object: HOST.name,
+            map: MAP_L2_DEV,
+        })?;
+        let err = |e| Error::L2Device {
+            ifindex,
+            source: Box::new(e),
+        };
+        let mut devs: HashMap<&mut MapData, u32, L2DevRaw> = HashMap::try_from(map).map_err(err)?;
+        let value = L2DevRaw {
+            mac: mac.0,
+            pad: [0; 2],
+        };
+        devs.insert(ifindex, value, 0).map_err(err)
+    }
+
+    /// A handle on the service addresses bpf_host answers ARP for (see
+    /// [`L2Announcer`]); each call opens a new handle on the same pinned map.
+    pub fn l2_announcer(&self) -> Result<L2Announcer, Error> {
+        L2Announcer::open(&self.map_dir.join(announce::MAP_ANNOUNCE))
+    }
+
     /// Attaches `bpf_host` to tcx ingress of the node's underlay device.
     pub fn attach_host(&mut self, ifindex: u32) -> Result<AttachMode, Error> {
         self.attach(Hook::Host, ifindex)
@@ -276,37 +383,119 @@ impl Datapath {
                 tracing::warn!(error = %e, "cannot record the node address for NodePort");
             }
         }
+        if hook == Hook::Host
+            && let Some(mac) = device_mac(ifindex)
+        {
+            // Best effort: without it no announced address is answered for.
+            if let Err(e) = self.set_l2_device(ifindex, mac) {
+                tracing::warn!(error = %e, "cannot record the underlay MAC for ARP replies");
+            }
+        }
         let pin = self.link_pin_path(hook, ifindex);
         let prog = program_mut(self.object_mut(hook), hook).map_err(|source| Error::Attach {
             hook,
             ifindex,
             source,
         })?;
-        attach_pinned(prog, attach_type(hook), ifindex, &pin).map_err(|source| Error::Attach {
-            hook,
-            ifindex,
-            source,
+        attach_pinned(&mut TcxAttach(prog, attach_type(hook)), ifindex, &pin).map_err(|source| {
+            Error::Attach {
+                hook,
+                ifindex,
+                source,
+            }
         })
     }
 
     /// Detaches `hook`'s program from `ifindex` by removing its link pin.
     /// Returns false if nothing was attached. Safe after the interface is gone.
     pub fn detach(&mut self, hook: Hook, ifindex: u32) -> Result<bool, Error> {
-        let pin = self.link_pin_path(hook, ifindex);
-        match PinnedLink::from_pin(&pin) {
-            // Unpinned and dropped: the last reference closes and the kernel detaches.
-            Ok(link) => link.unpin().map(|_| true).map_err(|e| Error::Detach {
-                hook,
-                ifindex,
-                source: AttachError::Io(e),
-            }),
-            Err(e) if link_not_found(&e) => Ok(false),
-            Err(e) => Err(Error::Detach {
-                hook,
-                ifindex,
-                source: AttachError::Link(e),
-            }),
+        // Unpinned and dropped: the last reference closes and the kernel detaches.
+        unpin_link(&self.link_pin_path(hook, ifindex)).map_err(|source| Error::Detach {
+            hook,
+            ifindex,
+            source,
+        })
+    }
+
+    /// Attaches `bpf_xdp` to the underlay device `ifindex` in `mode` and
+    /// pins the link (`links/xdp_<mode>_<ifindex>`). A link a previous agent
+    /// pinned in the same mode gets this program swapped in atomically; one
+    /// in the other mode is detached first (a device runs one XDP mode at a
+    /// time), leaving tc alone to handle the traffic for that moment.
+    /// Fails if the driver refuses the mode (native on a device without
+    /// native XDP): the caller may fall back to [`XdpMode::Generic`].
+    pub fn attach_xdp(&mut self, ifindex: u32, mode: XdpMode) -> Result<AttachMode, Error> {
+        let err = |source| Error::AttachXdp {
+            mode,
+            ifindex,
+            source,
+        };
+        let other = match mode {
+            XdpMode::Native => XdpMode::Generic,
+            XdpMode::Generic => XdpMode::Native,
+        };
+        unpin_link(&self.xdp_pin_path(other, ifindex)).map_err(err)?;
+        let pin = self.xdp_pin_path(mode, ifindex);
+        let prog = xdp_program_mut(&mut self.xdp).map_err(err)?;
+        attach_pinned(&mut XdpAttach(prog, mode), ifindex, &pin).map_err(err)
+    }
+
+    /// Detaches `bpf_xdp` from `ifindex` (whatever its mode). Returns false
+    /// if it was not attached. Safe after the interface is gone.
+    pub fn detach_xdp(&mut self, ifindex: u32) -> Result<bool, Error> {
+        let mut any = false;
+        for mode in [XdpMode::Native, XdpMode::Generic] {
+            any |= unpin_link(&self.xdp_pin_path(mode, ifindex))
+                .map_err(|source| Error::DetachXdp { ifindex, source })?;
         }
+        Ok(any)
+    }
+
+    /// The mode `bpf_xdp` is attached to `ifindex` in, by its pinned link
+    /// (e.g. left by a previous agent); `None` if it is not attached.
+    pub fn xdp_attachment(&self, ifindex: u32) -> Option<XdpMode> {
+        [XdpMode::Native, XdpMode::Generic]
+            .into_iter()
+            .find(|mode| self.xdp_pin_path(*mode, ifindex).exists())
+    }
+
+    /// Runs one Ethernet frame through `bpf_xdp` with `BPF_PROG_TEST_RUN`,
+    /// as if it arrived on `ingress_ifindex` (of the calling thread's
+    /// network namespace; its routes and neighbours answer the program's
+    /// FIB lookup). Maps are the real ones.
+    pub fn test_run_xdp(&self, frame: &[u8], ingress_ifindex: u32) -> Result<XdpTestOutput, Error> {
+        let err = |e| Error::TestRunXdp(Box::new(e));
+        let prog: &Xdp = self
+            .xdp
+            .program(PROG_XDP)
+            .ok_or(ProgramError::NotLoaded)
+            .and_then(TryInto::try_into)
+            .map_err(err)?;
+        let len = u32::try_from(frame.len()).map_err(|_| {
+            err(ProgramError::SyscallError(SyscallError {
+                call: "bpf_prog_test_run",
+                io_error: io::Error::from_raw_os_error(libc::E2BIG),
+            }))
+        })?;
+        // `struct xdp_md`: data, data_end (must be the frame's length),
+        // data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+        let mut ctx_in = [0u8; 24];
+        ctx_in[4..8].copy_from_slice(&len.to_ne_bytes());
+        ctx_in[12..16].copy_from_slice(&ingress_ifindex.to_ne_bytes());
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx_in),
+                ..TestRunOptions::default()
+            })
+            .map_err(err)?;
+        out.truncate(result.data_size_out as usize);
+        Ok(XdpTestOutput {
+            action: XdpAction::from_code(result.return_value),
+            packet: out,
+        })
     }
 
     /// The (hook, ifindex) pairs with a pinned link, e.g. left by a previous
@@ -699,6 +888,12 @@ impl Datapath {
     fn link_pin_path(&self, hook: Hook, ifindex: u32) -> PathBuf {
         self.link_dir.join(link_pin_name(hook, ifindex))
     }
+
+    /// `xdp_<native|generic>_<ifindex>`: the mode is in the name because a
+    /// pinned XDP link does not tell it, and a swap cannot change it.
+    fn xdp_pin_path(&self, mode: XdpMode, ifindex: u32) -> PathBuf {
+        self.link_dir.join(format!("xdp_{mode}_{ifindex}"))
+    }
 }
 
 fn ipcache_key(prefix: Ipv4Net) -> Key<[u8; 4]> {
@@ -736,13 +931,27 @@ fn link_pin_name(hook: Hook, ifindex: u32) -> String {
 
 /// The first IPv4 address of the interface `ifindex` (calling thread's namespace).
 fn device_ipv4(ifindex: u32) -> Option<Ipv4Addr> {
+    device_address(ifindex, |a| a.as_sockaddr_in().map(|s| s.ip()))
+}
+
+/// The MAC of the interface `ifindex` (calling thread's namespace).
+fn device_mac(ifindex: u32) -> Option<MacAddr> {
+    device_address(ifindex, |a| {
+        a.as_link_addr().and_then(|l| l.addr()).map(MacAddr)
+    })
+}
+
+/// The first address of the interface `ifindex` that `pick` accepts.
+fn device_address<T>(
+    ifindex: u32,
+    pick: impl Fn(&nix::sys::socket::SockaddrStorage) -> Option<T>,
+) -> Option<T> {
     let name = nix::net::if_::if_indextoname(ifindex).ok()?;
     let name = name.to_str().ok()?.to_owned();
-    nix::ifaddrs::getifaddrs().ok()?.find_map(|ifa| {
-        (ifa.interface_name == name)
-            .then(|| ifa.address.and_then(|a| a.as_sockaddr_in().map(|s| s.ip())))
-            .flatten()
-    })
+    nix::ifaddrs::getifaddrs()
+        .ok()?
+        .filter(|ifa| ifa.interface_name == name)
+        .find_map(|ifa| ifa.address.as_ref().and_then(&pick))
 }
 
 fn parse_link_pin_name(name: &str) -> Option<(Hook, u32)> {
@@ -777,12 +986,19 @@ const LB_SHARED_MAPS: &[&str] = &[
     "mb_lb_affinity",
 ];
 
+/// The `volatile const` globals every object gets patched (config.h, nodeport.h).
+struct Constants {
+    features: u32,
+    policy_enabled: u32,
+    snat_port_min: u16,
+    snat_port_max: u16,
+}
+
 fn load_object(
     object: &Object,
     map_dir: &Path,
     lb_dir: &Path,
-    features: u32,
-    policy_enabled: u32,
+    consts: &Constants,
 ) -> Result<Ebpf, Error> {
     let mut loader = EbpfLoader::new();
     for name in LB_SHARED_MAPS {
@@ -790,26 +1006,25 @@ fn load_object(
     }
     let mut ebpf = loader
         .default_map_pin_directory(map_dir)
-        .override_global("CONFIG_FEATURES", &features, true)
-        .override_global("CONFIG_POLICY_ENABLED", &policy_enabled, true)
+        .override_global("CONFIG_FEATURES", &consts.features, true)
+        .override_global("CONFIG_POLICY_ENABLED", &consts.policy_enabled, true)
+        .override_global("CONFIG_SNAT_PORT_MIN", &consts.snat_port_min, true)
+        .override_global("CONFIG_SNAT_PORT_MAX", &consts.snat_port_max, true)
         .load(object.bytes)
         .map_err(|e| Error::LoadObject {
             object: object.name,
             source: Box::new(e),
         })?;
     for &program in object.programs {
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(program)
-            .ok_or(Error::MissingProgram {
-                object: object.name,
-                program,
-            })?
-            .try_into()
-            .map_err(|e| Error::LoadProgram {
-                program,
-                source: Box::new(e),
-            })?;
-        prog.load().map_err(|e| Error::LoadProgram {
+        let prog = ebpf.program_mut(program).ok_or(Error::MissingProgram {
+            object: object.name,
+            program,
+        })?;
+        let loaded = match object.kind {
+            ProgramKind::Tc => <&mut SchedClassifier>::try_from(prog).and_then(|p| p.load()),
+            ProgramKind::Xdp => <&mut Xdp>::try_from(prog).and_then(|p| p.load()),
+        };
+        loaded.map_err(|e| Error::LoadProgram {
             program,
             source: Box::new(e),
         })?;
@@ -832,6 +1047,13 @@ fn typed_map<T>(
     })
 }
 
+fn xdp_program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, AttachError> {
+    Ok(ebpf
+        .program_mut(PROG_XDP)
+        .ok_or(ProgramError::NotLoaded)?
+        .try_into()?)
+}
+
 fn program_mut(ebpf: &mut Ebpf, hook: Hook) -> Result<&mut SchedClassifier, AttachError> {
     Ok(ebpf
         .program_mut(program_name(hook))
@@ -839,52 +1061,98 @@ fn program_mut(ebpf: &mut Ebpf, hook: Hook) -> Result<&mut SchedClassifier, Atta
         .try_into()?)
 }
 
-/// Adopt the link pinned at `pin` if there is a live one, else create a tcx
+/// A program that can take over a pinned link or make a new one: the tcx
+/// and XDP attachments share [`attach_pinned`].
+trait PinnableAttach {
+    /// Swaps this program into `link` (the kernel keeps the link, and with
+    /// it the interface's hook, across the swap).
+    fn adopt(&mut self, link: FdLink) -> Result<(), AttachError>;
+    /// A new link on `ifindex`.
+    fn fresh(&mut self, ifindex: u32) -> Result<FdLink, AttachError>;
+}
+
+struct TcxAttach<'a>(&'a mut SchedClassifier, TcAttachType);
+
+impl PinnableAttach for TcxAttach<'_> {
+    fn adopt(&mut self, link: FdLink) -> Result<(), AttachError> {
+        let link = SchedClassifierLink::try_from(link).map_err(AttachError::Link)?;
+        let id = self.0.attach_to_link(link)?;
+        drop(self.0.take_link(id)?);
+        Ok(())
+    }
+
+    fn fresh(&mut self, ifindex: u32) -> Result<FdLink, AttachError> {
+        let name = nix::net::if_::if_indextoname(ifindex).map_err(AttachError::Interface)?;
+        let name = name
+            .to_str()
+            .map_err(|_| AttachError::Interface(nix::Error::EINVAL))?;
+        let id = self.0.attach_with_options(
+            name,
+            self.1,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )?;
+        FdLink::try_from(self.0.take_link(id)?).map_err(AttachError::Link)
+    }
+}
+
+struct XdpAttach<'a>(&'a mut Xdp, XdpMode);
+
+impl PinnableAttach for XdpAttach<'_> {
+    fn adopt(&mut self, link: FdLink) -> Result<(), AttachError> {
+        let link = XdpLink::try_from(link).map_err(AttachError::Link)?;
+        let id = self.0.attach_to_link(link)?;
+        drop(self.0.take_link(id)?);
+        Ok(())
+    }
+
+    fn fresh(&mut self, ifindex: u32) -> Result<FdLink, AttachError> {
+        let flags = match self.1 {
+            XdpMode::Native => AyaXdpMode::Driver,
+            XdpMode::Generic => AyaXdpMode::Skb,
+        };
+        let id = self.0.attach_to_if_index(ifindex, flags)?;
+        FdLink::try_from(self.0.take_link(id)?).map_err(AttachError::Link)
+    }
+}
+
+/// Adopt the link pinned at `pin` if there is a live one, else create a
 /// link on `ifindex` and pin it. Our own handle to the link is dropped either
-/// way: the pin alone keeps it, so [`Datapath::detach`] (unpin) really detaches.
+/// way: the pin alone keeps it, so unpinning really detaches.
 fn attach_pinned(
-    prog: &mut SchedClassifier,
-    attach_type: TcAttachType,
+    prog: &mut impl PinnableAttach,
     ifindex: u32,
     pin: &Path,
 ) -> Result<AttachMode, AttachError> {
     let mut mode = AttachMode::Fresh;
     match PinnedLink::from_pin(pin) {
-        Ok(pinned) => {
-            // Converting keeps the pin file; it stays the link's anchor.
-            let link =
-                SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(AttachError::Link)?;
-            match prog.attach_to_link(link) {
-                Ok(id) => {
-                    drop(prog.take_link(id)?);
-                    return Ok(AttachMode::Adopted);
-                }
-                // ENOLINK "Link has been severed": its interface was deleted.
-                Err(ProgramError::SyscallError(SyscallError { io_error, .. }))
-                    if io_error.raw_os_error() == Some(libc::ENOLINK) =>
-                {
-                    fs::remove_file(pin).map_err(AttachError::Io)?;
-                    mode = AttachMode::ReplacedSevered;
-                }
-                Err(e) => return Err(e.into()),
+        // Converting keeps the pin file; it stays the link's anchor.
+        Ok(pinned) => match prog.adopt(FdLink::from(pinned)) {
+            Ok(()) => return Ok(AttachMode::Adopted),
+            // ENOLINK "Link has been severed": its interface was deleted.
+            Err(AttachError::Program(e))
+                if matches!(&*e, ProgramError::SyscallError(SyscallError { io_error, .. })
+                    if io_error.raw_os_error() == Some(libc::ENOLINK)) =>
+            {
+                fs::remove_file(pin).map_err(AttachError::Io)?;
+                mode = AttachMode::ReplacedSevered;
             }
-        }
+            Err(e) => return Err(e),
+        },
         Err(e) if link_not_found(&e) => {}
         Err(e) => return Err(AttachError::Link(e)),
     }
-
-    let name = nix::net::if_::if_indextoname(ifindex).map_err(AttachError::Interface)?;
-    let name = name
-        .to_str()
-        .map_err(|_| AttachError::Interface(nix::Error::EINVAL))?;
-    let id = prog.attach_with_options(
-        name,
-        attach_type,
-        TcAttachOptions::TcxOrder(LinkOrder::default()),
-    )?;
-    let link = FdLink::try_from(prog.take_link(id)?).map_err(AttachError::Link)?;
+    let link = prog.fresh(ifindex)?;
     link.pin(pin).map_err(AttachError::Pin)?;
     Ok(mode)
+}
+
+/// Removes a link pin (so the link detaches). Returns false if there was none.
+fn unpin_link(pin: &Path) -> Result<bool, AttachError> {
+    match PinnedLink::from_pin(pin) {
+        Ok(link) => link.unpin().map(|_| true).map_err(AttachError::Io),
+        Err(e) if link_not_found(&e) => Ok(false),
+        Err(e) => Err(AttachError::Link(e)),
+    }
 }
 
 fn link_not_found(e: &LinkError) -> bool {

@@ -12,7 +12,7 @@ use aya::{
 
 use ipnet::Ipv4Net;
 
-use super::{Hook, PolicyError};
+use super::{Hook, PolicyError, XdpMode};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -78,6 +78,24 @@ pub enum Error {
         source: Box<MapError>,
     },
 
+    #[error("{op} service address {addr} on the underlay")]
+    Announce {
+        op: &'static str,
+        addr: Ipv4Addr,
+        #[source]
+        source: Box<MapError>,
+    },
+
+    #[error("SNAT port range {start}..={end} is empty")]
+    EmptySnatPorts { start: u16, end: u16 },
+
+    #[error("record the MAC of underlay device {ifindex}")]
+    L2Device {
+        ifindex: u32,
+        #[source]
+        source: Box<MapError>,
+    },
+
     #[error("endpoint {ip} is not in the endpoint map")]
     EndpointNotFound { ip: Ipv4Addr },
 
@@ -111,6 +129,24 @@ pub enum Error {
         #[source]
         source: AttachError,
     },
+
+    #[error("attach bpf_xdp ({mode}) to ifindex {ifindex}")]
+    AttachXdp {
+        mode: XdpMode,
+        ifindex: u32,
+        #[source]
+        source: AttachError,
+    },
+
+    #[error("detach bpf_xdp from ifindex {ifindex}")]
+    DetachXdp {
+        ifindex: u32,
+        #[source]
+        source: AttachError,
+    },
+
+    #[error("test run of bpf_xdp")]
+    TestRunXdp(#[source] Box<ProgramError>),
 
     #[error("detach {hook} program from ifindex {ifindex}")]
     Detach {

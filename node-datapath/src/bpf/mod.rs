@@ -12,6 +12,7 @@
 //! - `events`: ring buffer readers (blocking and tokio).
 //! - `features`: kernel feature probes.
 //! - `bpffs`: [`ensure_bpffs`].
+//! - `announce`: [`L2Announcer`]: service addresses bpf_host answers ARP for.
 //! - `sock`: [`SockLb`]: socket-level service load balancing (`bpf_sock`,
 //!   cgroup connect4/sendmsg4/recvmsg4/getpeername4), its maps and pinned
 //!   cgroup links.
@@ -19,13 +20,15 @@
 //! Invariants:
 //! - Maps are pinned by name under `<pin_dir>/v<LAYOUT_VERSION>/`: both
 //!   objects (lxc, host) share them, and they outlive the agent.
-//! - Every tcx link is pinned under `<pin_dir>/links/<hook>_<ingress|egress>_<ifindex>`;
+//! - Every tcx link is pinned under `<pin_dir>/links/<hook>_<ingress|egress>_<ifindex>`,
+//!   the XDP link under `<pin_dir>/links/xdp_<native|generic>_<ifindex>`;
 //!   a new agent swaps its program into the pinned link (`attach_to_link`),
 //!   so restarts never leave an interface without a program.
 //! - Interface indexes are those of the calling thread's network namespace
 //!   (the node's).
 
 mod abi;
+mod announce;
 mod bpffs;
 mod datapath;
 mod error;
@@ -38,8 +41,11 @@ mod types;
 use std::fmt;
 
 pub use abi::LAYOUT_VERSION;
+pub use announce::L2Announcer;
 pub use bpffs::{BPFFS_PATH, ensure_bpffs};
-pub use datapath::{AttachMode, Datapath, DatapathOptions, PolicyMode, TestRunOutput};
+pub use datapath::{
+    AttachMode, Datapath, DatapathOptions, LoadConfig, PolicyMode, TestRunOutput, XdpTestOutput,
+};
 pub use error::{AttachError, Error};
 pub use events::{AsyncEventReader, EventReader};
 pub use features::{Features, probe_features};
@@ -50,7 +56,7 @@ pub use sock::{
 };
 pub use types::{
     Counter, CtDirection, CtEntry, DatapathEvent, Direction, DropReason, EndpointInfo, EventKind,
-    Flow, InvalidMac, MacAddr, Metrics, ObservationPoint, TcVerdict,
+    Flow, InvalidMac, MacAddr, Metrics, ObservationPoint, TcVerdict, XdpAction, XdpMode,
 };
 
 /// An attach point of the datapath.
@@ -82,6 +88,8 @@ mod objects {
         aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_lxc.o"));
     pub(super) static HOST: &[u8] =
         aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_host.o"));
+    pub(super) static XDP: &[u8] =
+        aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_xdp.o"));
     pub(super) static SOCK: &[u8] =
         aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_sock.o"));
     pub(super) static PROBE: &[u8] =

@@ -98,6 +98,8 @@ pub enum DropReason {
     PolicyDeny,
     /// The direction is enforced (default deny) and no entry allowed the packet.
     PolicyDefaultDeny,
+    /// No free SNAT source port towards a remote service backend.
+    NatNoPort,
     /// A code this build does not know (a newer datapath).
     Other(u16),
 }
@@ -119,6 +121,13 @@ pub struct Metrics {
     pub ct_reply: Counter,
     /// Packets the node's stack delivered to pods (seen by `to_container`).
     pub to_container: Counter,
+    /// ARP replies bpf_host sent for announced service addresses.
+    pub arp_replies: Counter,
+    /// Packets bpf_xdp saw on the underlay.
+    pub xdp_rx: Counter,
+    /// NodePort/LoadBalancer requests bpf_xdp translated and sent back out
+    /// (`XDP_TX`) towards a backend on another node; tc never saw them.
+    pub xdp_tx: Counter,
     /// Only reasons with a non-zero count.
     pub drops: BTreeMap<DropReason, Counter>,
 }
@@ -222,6 +231,57 @@ pub enum TcVerdict {
     /// `TC_ACT_REDIRECT`: redirected by a `bpf_redirect*` helper.
     Redirect,
     Other(i32),
+}
+
+/// What an XDP program did with a packet (`enum xdp_action`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpAction {
+    /// `XDP_ABORTED`: a program error; dropped.
+    Aborted,
+    /// `XDP_DROP`.
+    Drop,
+    /// `XDP_PASS`: on to the stack (and tc).
+    Pass,
+    /// `XDP_TX`: sent back out of the device it arrived on.
+    Tx,
+    /// `XDP_REDIRECT`.
+    Redirect,
+    Other(u32),
+}
+
+impl XdpAction {
+    pub(crate) fn from_code(code: u32) -> Self {
+        match code {
+            0 => Self::Aborted,
+            1 => Self::Drop,
+            2 => Self::Pass,
+            3 => Self::Tx,
+            4 => Self::Redirect,
+            other => Self::Other(other),
+        }
+    }
+}
+
+/// How an XDP program is attached to a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum XdpMode {
+    /// In the driver, before an skb exists (`XDP_FLAGS_DRV_MODE`). On a
+    /// veth, `XDP_TX` only delivers if the peer has NAPI (an XDP program or
+    /// GRO on); otherwise the frames are dropped.
+    Native,
+    /// In the stack's receive path, on an skb (`XDP_FLAGS_SKB_MODE`): works
+    /// on every device, but skbs without 256 bytes of headroom (or cloned,
+    /// or paged) are copied first, for all traffic of the device.
+    Generic,
+}
+
+impl std::fmt::Display for XdpMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Native => "native",
+            Self::Generic => "generic",
+        })
+    }
 }
 
 // === impl EndpointInfo ===
@@ -393,6 +453,7 @@ impl DropReason {
             abi::DROP_REWRITE_FAILED => Self::RewriteFailed,
             abi::DROP_POLICY_DENY => Self::PolicyDeny,
             abi::DROP_POLICY_DEFAULT_DENY => Self::PolicyDefaultDeny,
+            abi::DROP_NAT_NO_PORT => Self::NatNoPort,
             other => Self::Other(other),
         }
     }
@@ -421,6 +482,9 @@ impl Metrics {
             ct_established: at(abi::METRIC_CT_ESTABLISHED),
             ct_reply: at(abi::METRIC_CT_REPLY),
             to_container: at(abi::METRIC_TO_LXC),
+            arp_replies: at(abi::METRIC_ARP_REPLY),
+            xdp_rx: at(abi::METRIC_XDP_RX),
+            xdp_tx: at(abi::METRIC_XDP_TX),
             drops,
         }
     }

@@ -242,6 +242,7 @@ pub fn drop_reason_name(r: DropReason) -> String {
         DropReason::RewriteFailed => "REWRITE_FAILED".into(),
         DropReason::PolicyDeny => "POLICY_DENIED".into(),
         DropReason::PolicyDefaultDeny => "POLICY_DEFAULT_DENY".into(),
+        DropReason::NatNoPort => "NO_MAPPING_FOR_NAT".into(),
         DropReason::Other(code) => format!("UNKNOWN_{code}"),
     }
 }
@@ -583,6 +584,7 @@ mod tests {
             (DropReason::RewriteFailed, "REWRITE_FAILED"),
             (DropReason::PolicyDeny, "POLICY_DENIED"),
             (DropReason::PolicyDefaultDeny, "POLICY_DEFAULT_DENY"),
+            (DropReason::NatNoPort, "NO_MAPPING_FOR_NAT"),
             (DropReason::Other(77), "UNKNOWN_77"),
         ];
         for (r, name) in all {

@@ -13,9 +13,7 @@ use std::net::Ipv4Addr;
 
 use membrane_lb::grpc;
 use membrane_lb::maglev::{Seed, TableSize};
-use membrane_lb::model::{
-    Algorithm, Backend, Frontend, FrontendKind, Protocol, ServiceState,
-};
+use membrane_lb::model::{Algorithm, Backend, Frontend, FrontendKind, Protocol, ServiceState};
 use membrane_proto::stream::v1 as stream;
 use prost::Message as _;
 use prost_types::Any;

@@ -108,8 +108,9 @@ async fn main() -> anyhow::Result<()> {
     ));
 
     tracing::info!(addr = %addr, seed = %lb.seed().to_base64(), publish = args.publish, "membrane-lb serving");
-    let mut routes = tonic::service::Routes::new(grpc::LbService::new(published, publisher.clone()))
-        .add_service(ObjectsService::new(Arc::new(objects::LbObjects::new(lb))));
+    let mut routes =
+        tonic::service::Routes::new(grpc::LbService::new(published, publisher.clone()))
+            .add_service(ObjectsService::new(Arc::new(objects::LbObjects::new(lb))));
     if args.publish {
         routes = routes.add_service(publisher.service());
     }

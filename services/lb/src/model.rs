@@ -366,7 +366,10 @@ pub fn pick_free_node_port(used: &BTreeSet<u16>, random: u32) -> Option<u16> {
 /// score (FNV-1a over the address and the node name, mixed), so every
 /// replica picks the same node for the same set, and a node joining or
 /// leaving moves only the addresses it wins or held.
-pub fn announcer<'a>(address: Ipv4Addr, nodes: impl IntoIterator<Item = &'a String>) -> Option<&'a String> {
+pub fn announcer<'a>(
+    address: Ipv4Addr,
+    nodes: impl IntoIterator<Item = &'a String>,
+) -> Option<&'a String> {
     nodes
         .into_iter()
         .max_by_key(|n| (rendezvous_score(address, n), n.as_str()))
