@@ -597,6 +597,7 @@ fn a_load_balancer_address_is_announced_and_either_node_sends_a_client_flow_to_t
     } else {
         "10.99.0.12"
     };
+    assert!(ping_ok("external", node_ip), "external cannot reach {node_ip}");
     let node_neigh = external_ip(&["neigh", "show", node_ip]);
     let mac = |s: &str| {
         s.split_whitespace()
@@ -619,4 +620,32 @@ fn a_load_balancer_address_is_announced_and_either_node_sends_a_client_flow_to_t
     external_ip(&["route", "del", &format!("{lb_ip}/32")]);
     assert_eq!(via[0], via[1], "node-1 and node-2 chose different backends");
     assert_eq!(via[0], seen, "the announced path chose differently");
+
+    // Pods reach the LoadBalancer address too (translated at the socket).
+    cluster.ok(&["pod", "run", "c1", "--node", "node-2"]);
+    let from_pod = connect_many(&cluster, "c1", &lb_ip, 80, 30);
+    assert_eq!(from_pod.values().sum::<usize>(), 30);
+    assert!(from_pod.keys().all(|k| k.starts_with('w')), "{from_pod:?}");
+
+    // Without backends the address refuses at once, whichever node it reaches.
+    for p in ["w1", "w2", "w3"] {
+        cluster.ok(&["pod", "label", p, "app=idle"]);
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for route in [None, Some("10.99.0.11"), Some("10.99.0.12")] {
+        if let Some(via) = route {
+            external_ip(&["route", "replace", &format!("{lb_ip}/32"), "via", via]);
+        }
+        loop {
+            let started = Instant::now();
+            let seen = external_connects(&lb_ip, 80, 44000..44005);
+            if seen.values().all(|b| b == "!ConnectionRefusedError") {
+                assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+                break;
+            }
+            assert!(Instant::now() < deadline, "via {route:?}: {seen:?}");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+    external_ip(&["route", "del", &format!("{lb_ip}/32")]);
 }

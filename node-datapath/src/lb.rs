@@ -33,6 +33,7 @@ use membrane_runtime::stream::StateSink;
 use prost_types::Any;
 
 use crate::bpf::{L2Announcer, LbAlgorithm, LbBackend, LbFrontend, LbProtocol, LbService, SockLb};
+use crate::routes::service_routes;
 
 /// The maps the sink programs (the real ones: [`SockLb`]; tests: a fake).
 pub trait LbMaps: Send + 'static {
@@ -96,6 +97,19 @@ pub trait LbMaps: Send + 'static {
     fn withdraw(&mut self, _address: Ipv4Addr) -> Result<(), String> {
         Ok(())
     }
+    /// Service addresses the node's stack treats as local (so a service
+    /// without backends is refused at once; see `routes::service_routes`).
+    fn local_addresses(&mut self) -> Result<Vec<Ipv4Addr>, String> {
+        Ok(Vec::new())
+    }
+    /// Makes a service address local.
+    fn add_local(&mut self, _address: Ipv4Addr) -> Result<(), String> {
+        Ok(())
+    }
+    /// Removes a service address's local route.
+    fn remove_local(&mut self, _address: Ipv4Addr) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Applies the lb stream to [`LbMaps`], incrementally: a service whose
@@ -126,6 +140,8 @@ struct Programmed {
     tables: BTreeMap<u32, Option<Vec<u32>>>,
     backend_ports: BTreeSet<LbFrontend>,
     announced: BTreeSet<Ipv4Addr>,
+    /// LoadBalancer and externalIPs addresses (local routes).
+    local: BTreeSet<Ipv4Addr>,
 }
 
 /// What one service wants programmed.
@@ -321,6 +337,12 @@ impl<M: LbMaps> LbSink<M> {
             p.tables.insert(id, Some(w.table.clone()));
             p.frontends.extend(w.frontends.iter().copied());
             p.ext_frontends.extend(w.ext_frontends.iter().copied());
+            p.local.extend(
+                w.ext_frontends
+                    .iter()
+                    .map(|(f, _)| f.address)
+                    .filter(|a| !a.is_unspecified()),
+            );
             p.announced.extend(
                 w.announcers
                     .iter()
@@ -359,6 +381,7 @@ fn read_programmed<M: LbMaps + ?Sized>(maps: &mut M) -> Result<Programmed, Strin
     }
     p.backend_ports = maps.backend_ports()?.into_iter().collect();
     p.announced = maps.announced()?.into_iter().collect();
+    p.local = maps.local_addresses()?.into_iter().collect();
     Ok(p)
 }
 
@@ -394,6 +417,12 @@ fn sync<M: LbMaps + ?Sized>(
     }
     for p in have.backend_ports.difference(&want.backend_ports) {
         maps.remove_backend_port(*p)?;
+    }
+    for a in want.local.difference(&have.local) {
+        maps.add_local(*a)?;
+    }
+    for a in have.local.difference(&want.local) {
+        maps.remove_local(*a)?;
     }
     // Announced only once the frontend is programmed, withdrawn before it goes.
     for a in want.announced.difference(&have.announced) {
@@ -521,12 +550,7 @@ fn want(key: &str, id: u32, svc: &proto::ServiceState) -> Result<Wanted, String>
         if !f.announcer.is_empty() && !address.is_unspecified() {
             announcers.push((address, f.announcer.clone()));
         }
-        let list = if external {
-            &mut ext_frontends
-        } else {
-            &mut frontends
-        };
-        list.push((
+        let entry = (
             LbFrontend {
                 address,
                 port,
@@ -539,7 +563,15 @@ fn want(key: &str, id: u32, svc: &proto::ServiceState) -> Result<Wanted, String>
                 hash_source_address_only: svc.hash_source_address_only,
                 affinity_timeout_secs: svc.affinity_timeout_seconds,
             },
-        ));
+        );
+        // Pods reach LoadBalancer and external addresses at the socket too
+        // (as Cilium does): their connects never leave the node untranslated.
+        if !external || !address.is_unspecified() {
+            frontends.push(entry);
+        }
+        if external {
+            ext_frontends.push(entry);
+        }
     }
     Ok(Wanted {
         frontends,
@@ -622,6 +654,15 @@ impl LbMaps for NodeLbMaps {
             .withdraw(address)
             .map(drop)
             .map_err(|e| format!("{e:#}"))
+    }
+    fn local_addresses(&mut self) -> Result<Vec<Ipv4Addr>, String> {
+        service_routes::list().map_err(|e| e.to_string())
+    }
+    fn add_local(&mut self, address: Ipv4Addr) -> Result<(), String> {
+        service_routes::add(address).map_err(|e| e.to_string())
+    }
+    fn remove_local(&mut self, address: Ipv4Addr) -> Result<(), String> {
+        service_routes::remove(address).map_err(|e| e.to_string())
     }
 }
 

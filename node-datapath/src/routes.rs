@@ -112,6 +112,57 @@ impl RouteTable for IpRouteTable {
     }
 }
 
+/// Route protocol marking this node's local routes for service addresses.
+pub const SERVICE_ROUTE_PROTO: u8 = 179;
+
+/// Service addresses (LoadBalancer, externalIPs) the node's stack treats as
+/// its own, as kube-proxy's IPVS mode does with its dummy device: traffic
+/// to such an address that the datapath did not translate (the service has
+/// no backend) gets the stack's answer at once (TCP reset, ICMP port
+/// unreachable) instead of being forwarded into the void. Local routes,
+/// not addresses, so `arp_ignore=1` on the underlay keeps the kernel from
+/// answering ARP for them: only the announcing node's datapath does.
+pub mod service_routes {
+    use std::net::Ipv4Addr;
+
+    use super::{RouteError, SERVICE_ROUTE_PROTO, ip};
+
+    /// Service addresses with a local route of ours.
+    pub fn list() -> Result<Vec<Ipv4Addr>, RouteError> {
+        let proto = SERVICE_ROUTE_PROTO.to_string();
+        let out = ip(&["-4", "route", "show", "table", "local", "proto", &proto])?;
+        // Lines look like `local 10.99.0.129 dev lo scope host`.
+        Ok(out
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .collect())
+    }
+
+    /// Makes `addr` local to this node.
+    pub fn add(addr: Ipv4Addr) -> Result<(), RouteError> {
+        let (a, proto) = (format!("{addr}/32"), SERVICE_ROUTE_PROTO.to_string());
+        ip(&[
+            "route", "replace", "local", &a, "dev", "lo", "table", "local", "proto", &proto,
+        ])
+        .map(drop)
+    }
+
+    /// Removes the local route of `addr`.
+    pub fn remove(addr: Ipv4Addr) -> Result<(), RouteError> {
+        let (a, proto) = (format!("{addr}/32"), SERVICE_ROUTE_PROTO.to_string());
+        ip(&[
+            "route", "del", "local", &a, "table", "local", "proto", &proto,
+        ])
+        .map(drop)
+    }
+
+    /// Keeps the kernel from answering ARP on `dev` for addresses that are
+    /// not configured on it (the service addresses above).
+    pub fn quiet_arp(dev: &str) -> std::io::Result<()> {
+        std::fs::write(format!("/proc/sys/net/ipv4/conf/{dev}/arp_ignore"), "1")
+    }
+}
+
 /// The VXLAN device of tunnel mode.
 pub const VXLAN_DEV: &str = "mbvx0";
 /// VXLAN network identifier used between nodes.
