@@ -192,6 +192,22 @@ fn a_cluster_ip_balances_pods_on_both_nodes_over_its_backends_and_follows_them()
         assert!(*n >= 50, "{w} got only {n} of 300: {total:?}");
     }
 
+    // ClientIP affinity: every connection of a pod goes to one backend.
+    let sticky = dir.path().join("sticky.yaml");
+    std::fs::write(&sticky, "apiVersion: v1\nkind: Service\nmetadata: {name: sticky, namespace: default}\nspec:\n  selector: {app: web}\n  clusterIP: 10.96.200.200\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n  ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP}]\n").expect("write");
+    cluster.ok(&["apply", "-f", sticky.to_str().expect("path")]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = connect_many(&cluster, "c2", "10.96.200.200", 80, 60);
+        if seen.len() == 1 && seen.keys().all(|k| k.starts_with('w')) {
+            assert_eq!(seen.values().sum::<usize>(), 60);
+            break;
+        }
+        assert!(Instant::now() < deadline, "not sticky: {seen:?}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    cluster.ok(&["delete", "-f", sticky.to_str().expect("path")]);
+
     // A connection in flight survives unrelated changes: another backend
     // going, another service coming.
     let mut held = HeldConnection::open(&cluster, "c1", &ip, 90);
