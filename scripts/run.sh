@@ -39,6 +39,16 @@ echo "== what the datapath has programmed"
 $M get endpoints
 $M get ipam
 echo
+echo "== a LoadBalancer service in front of web (Maglev in eBPF; the address is announced by one node)"
+$M pod exec web -- socat TCP-LISTEN:8080,fork,reuseaddr SYSTEM:'echo hello from web' >/dev/null 2>&1 &
+$M apply -f examples/web-service.yaml
+sleep 2
+$M get services
+LB=$($M get services -o json | python3 -c "import json,sys; print(next(f['address'] for f in json.load(sys.stdin)['items'][0]['frontendList'] if f['kind']=='FRONTEND_KIND_LOAD_BALANCER'))")
+echo "external -> $LB:80 (LoadBalancer):  $(ip netns exec external socat -T2 - TCP:$LB:80 </dev/null)"
+echo "external -> 10.99.0.12:30080 (NodePort via node-2):  $(ip netns exec external socat -T2 - TCP:10.99.0.12:30080 </dev/null)"
+$M lb table web --node node-2
+echo
 echo "== a deny policy: client may no longer reach web (db still may)"
 $M apply -f examples/deny-client.yaml
 sleep 1
