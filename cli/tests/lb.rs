@@ -613,7 +613,10 @@ fn a_load_balancer_address_is_announced_and_either_node_sends_a_client_flow_to_t
     } else {
         "10.99.0.12"
     };
-    assert!(ping_ok("external", node_ip), "external cannot reach {node_ip}");
+    assert!(
+        ping_ok("external", node_ip),
+        "external cannot reach {node_ip}"
+    );
     let node_neigh = external_ip(&["neigh", "show", node_ip]);
     let mac = |s: &str| {
         s.split_whitespace()
@@ -656,7 +659,11 @@ fn a_load_balancer_address_is_announced_and_either_node_sends_a_client_flow_to_t
             let started = Instant::now();
             let seen = external_connects(&lb_ip, 80, 44000..44005);
             if seen.values().all(|b| b == "!ConnectionRefusedError") {
-                assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+                assert!(
+                    started.elapsed() < Duration::from_secs(2),
+                    "{:?}",
+                    started.elapsed()
+                );
                 break;
             }
             assert!(Instant::now() < deadline, "via {route:?}: {seen:?}");

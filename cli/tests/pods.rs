@@ -254,11 +254,24 @@ fn six_pods_on_two_nodes_reach_each_other_and_the_world_over_tcp_and_udp() {
         assert_eq!(pins.len(), 1, "{node}: {pins:?}");
     }
 
-    // `pod rm` releases the address and removes the device, the map entry and the namespace.
+    // `pod rm` releases the address and removes the device, the map entry,
+    // the namespace, and the pod's processes with its cgroup.
     let a3_ip = pod_ip(&cluster, "a3");
     let before_devices = lxc_devices("node-1");
+    let mut sleeper = cluster
+        .command(&["pod", "exec", "a3", "--", "sleep", "300"])
+        .spawn()
+        .expect("pod exec");
+    let mut sleeper_a1 = cluster
+        .command(&["pod", "exec", "a1", "--", "sleep", "300"])
+        .spawn()
+        .expect("pod exec");
+    std::thread::sleep(Duration::from_millis(300));
     cluster.ok(&["pod", "rm", "a3"]);
     assert!(!netns_exists("pod-default-a3"));
+    assert!(!std::path::Path::new("/sys/fs/cgroup/unified/membrane/node-1/pod-default-a3").exists());
+    let exited = sleeper.wait().expect("wait");
+    assert!(!exited.success(), "the pod's process was not killed");
     assert_eq!(lxc_devices("node-1").len(), before_devices.len() - 1);
     assert!(
         !endpoints(&cluster)
@@ -270,6 +283,8 @@ fn six_pods_on_two_nodes_reach_each_other_and_the_world_over_tcp_and_udp() {
     assert_eq!(allocations(&cluster), 5);
     cluster.ok(&["down"]);
     assert!(!netns_exists("pod-default-a1"), "down removes pods too");
+    assert!(!sleeper_a1.wait().expect("wait").success(), "down kills pods' processes");
+    assert!(!std::path::Path::new("/sys/fs/cgroup/unified/membrane/node-1").exists());
 }
 
 #[test]

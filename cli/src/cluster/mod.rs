@@ -19,6 +19,7 @@
 //! State directory layout: `tls/` (kept by `down`), `logs/` (kept),
 //! `pids/`, `etcd/`, `nodes/NODE/`, `created.json`, `cluster.json`.
 
+pub mod cgroups;
 pub(crate) mod components;
 mod etcd;
 mod info;
@@ -926,6 +927,23 @@ async fn teardown(state_dir: &Path) -> anyhow::Result<()> {
     let mut record = Record::load(state_dir)?;
     let created = std::mem::take(&mut record.created);
     let mut left = Created::default();
+    // Pods' processes (anything a user started with `pod exec`) go with
+    // their cgroups, before the namespaces they hold.
+    let nodes: Vec<&String> = created
+        .netns
+        .iter()
+        .filter(|n| n.starts_with("node-"))
+        .collect();
+    for node in &nodes {
+        let node_dir = cgroups::root().join(node);
+        for pod in created.netns.iter().filter(|n| n.starts_with("pod-")) {
+            if let Err(e) = cgroups::kill_and_remove(&node_dir.join(pod)) {
+                errors.push(e);
+            }
+        }
+        cgroups::remove_if_empty(&node_dir);
+    }
+    cgroups::remove_if_empty(&cgroups::root());
     for netns in created.netns {
         if let Err(e) = net::del_netns(&netns) {
             errors.push(e.to_string());

@@ -18,7 +18,7 @@ use serde_json::json;
 
 use super::status_err;
 use crate::client::Ctx;
-use crate::cluster::{components, net, record::Record};
+use crate::cluster::{cgroups, components, net, record::Record};
 use crate::output::{self, Format};
 
 /// The CNI plugin's binary name.
@@ -298,8 +298,8 @@ pub async fn rm(ctx: &Ctx, namespace: &str, name: &str) -> anyhow::Result<()> {
     if pod.ip.is_empty() || net::netns_exists(&pod.netns) {
         cni(ctx, "DEL", &pod)?;
     }
-    net::del_netns(&pod.netns)?;
     remove_pod_cgroup(&pod);
+    net::del_netns(&pod.netns)?;
     let _lock = lock(&state_dir)?;
     let mut rec = Record::load(&state_dir)?;
     rec.created.netns.retain(|n| n != &pod.netns);
@@ -328,24 +328,15 @@ pub fn list(ctx: &Ctx, format: Format) -> anyhow::Result<()> {
     )
 }
 
-/// Where pods' cgroups live: `<root>/<node>/<netns>`, below the node's
-/// cgroup, to which the node agent attaches socket load balancing
-/// (`--service-lb`). `MEMBRANE_CGROUP_ROOT` overrides it, as for the agent.
-fn cgroup_root() -> PathBuf {
-    std::env::var_os("MEMBRANE_CGROUP_ROOT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup/unified/membrane"))
-}
-
 fn pod_cgroup(pod: &PodRecord) -> PathBuf {
-    cgroup_root().join(&pod.node).join(&pod.netns)
+    cgroups::root().join(&pod.node).join(&pod.netns)
 }
 
 /// Creates the pod's cgroup; without a cgroup v2 hierarchy, warns and goes on
 /// (the pod works, only socket load balancing will not see it).
 fn create_pod_cgroup(pod: &PodRecord) {
     let dir = pod_cgroup(pod);
-    let hierarchy = cgroup_root();
+    let hierarchy = cgroups::root();
     if !hierarchy
         .parent()
         .is_some_and(|m| m.join("cgroup.procs").exists())
@@ -362,13 +353,10 @@ fn create_pod_cgroup(pod: &PodRecord) {
     }
 }
 
-/// Removes the pod's cgroup (after its processes are gone).
+/// Kills the pod's processes and removes its cgroup.
 fn remove_pod_cgroup(pod: &PodRecord) {
-    let dir = pod_cgroup(pod);
-    match std::fs::remove_dir(&dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => eprintln!("warning: remove cgroup {}: {e}", dir.display()),
+    if let Err(e) = cgroups::kill_and_remove(&pod_cgroup(pod)) {
+        eprintln!("warning: {e}");
     }
 }
 

@@ -256,6 +256,8 @@ pub fn assert_nothing_left(cluster: &Cluster, pids: &[u32], nodes: u32) {
     for k in 1..=nodes {
         assert!(!netns_exists(&format!("node-{k}")), "netns node-{k} left");
         assert!(!link_exists(&format!("mbn-{k}")), "device mbn-{k} left");
+        let cgroup = format!("/sys/fs/cgroup/unified/membrane/node-{k}");
+        assert!(!Path::new(&cgroup).exists(), "cgroup {cgroup} left");
     }
     assert!(!netns_exists("external"), "netns external left");
     for link in ["mbr0", "mbn-ext"] {
