@@ -25,6 +25,7 @@ have_cmd ping || need+=(iputils-ping)
 have_cmd socat || need+=(socat)
 have_cmd curl || need+=(curl)
 have_cmd nft || need+=(nftables)
+have_cmd iptables-legacy-restore || need+=(iptables)
 have_cmd sockperf || need+=(sockperf)
 [ -x /usr/lib/cni/bridge ] || need+=(containernetworking-plugins)
 
