@@ -412,6 +412,7 @@ impl SockSide {
                     algorithm: LbAlgorithm::Maglev,
                     target_port: TARGET_PORT,
                     hash_source_address_only: false,
+                    affinity_timeout_secs: 0,
                 },
             )?;
         }
