@@ -116,23 +116,33 @@ fn service(name: &str, extra: serde_json::Value) -> serde_json::Value {
     serde_json::json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "default"}, "spec": spec})
 }
 
+/// The service at `key` joined with its `backend/<ns>/<name>/…` resources,
+/// as a node sees it.
+fn joined(state: &BTreeMap<String, Any>, key: &str) -> Option<pb::ServiceState> {
+    let mut st: pb::ServiceState = state.get(key)?.to_msg().ok()?;
+    let prefix = format!("backend/{}/", key.strip_prefix("service/")?);
+    for (_, b) in state
+        .range(prefix.clone()..)
+        .take_while(|(k, _)| k.starts_with(&prefix))
+    {
+        st.backends.push(b.to_msg().ok()?);
+    }
+    Some(st)
+}
+
 async fn wait_for(
     rx: &mut watch::Receiver<BTreeMap<String, Any>>,
     key: &str,
     backends: usize,
-) -> Any {
+) -> pb::ServiceState {
     let r = tokio::time::timeout(
         Duration::from_secs(10),
-        rx.wait_for(|s| {
-            s.get(key)
-                .and_then(|a| a.to_msg::<pb::ServiceState>().ok())
-                .is_some_and(|st| st.backends.len() == backends)
-        }),
+        rx.wait_for(|s| joined(s, key).is_some_and(|st| st.backends.len() == backends)),
     )
     .await
     .expect("published in time")
     .expect("stream open");
-    r.get(key).cloned().expect("present")
+    joined(&r, key).expect("present")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -160,7 +170,7 @@ async fn two_replicas_agree_on_services_reject_bad_files_whole_and_never_share_a
     let pa = wait_for(&mut follow_a, "service/default/web", 3).await;
     let pb_ = wait_for(&mut follow_b, "service/default/web", 3).await;
     assert_eq!(pa, pb_, "both replicas publish identical content");
-    let st: pb::ServiceState = pa.to_msg().expect("decode");
+    let st = pa;
     let ids: BTreeSet<u32> = st.backends.iter().map(|b| b.id).collect();
     assert_eq!(ids.len(), 3, "distinct backend ids");
     let addrs: Vec<&str> = st.backends.iter().map(|b| b.address.as_str()).collect();
