@@ -86,17 +86,38 @@ struct HeldConnection {
 }
 
 impl HeldConnection {
-    fn open(cluster: &Cluster, pod: &str, ip: &str, port: u16) -> Self {
-        use std::io::BufRead as _;
-        let script = format!(
+    fn script(ip: &str, port: u16) -> String {
+        format!(
             "import socket, sys\ns = socket.create_connection(('{ip}', {port}), timeout=5)\nf = s.makefile('r')\nprint(f.readline().strip(), flush=True)\nfor line in sys.stdin:\n    s.sendall(line.encode())\n    print(f.readline().strip(), flush=True)\n"
-        );
-        let mut child = cluster
-            .command(&["pod", "exec", pod, "--", "python3", "-u", "-c", &script])
+        )
+    }
+
+    /// From inside pod `pod`.
+    fn open(cluster: &Cluster, pod: &str, ip: &str, port: u16) -> Self {
+        let script = Self::script(ip, port);
+        Self::spawn(cluster.command(&["pod", "exec", pod, "--", "python3", "-u", "-c", &script]))
+    }
+
+    /// From the `external` namespace.
+    fn open_external(ip: &str, port: u16) -> Self {
+        let mut cmd = Command::new("nsenter");
+        cmd.args([
+            "--net=/run/netns/external",
+            "python3",
+            "-u",
+            "-c",
+            &Self::script(ip, port),
+        ]);
+        Self::spawn(cmd)
+    }
+
+    fn spawn(mut cmd: Command) -> Self {
+        use std::io::BufRead as _;
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
-            .expect("pod exec");
+            .expect("spawn the held connection");
         let stdin = child.stdin.take().expect("stdin");
         let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
         let mut backend = String::new();
@@ -304,7 +325,7 @@ fn a_node_port_reached_through_either_node_lands_on_the_same_backend_per_client_
     let _backends = Backends::start(&["w1", "w2", "w3"]);
     let dir = tempfile::tempdir().expect("tmp");
     let svc = dir.path().join("svc.yaml");
-    std::fs::write(&svc, "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  type: NodePort\n  selector: {app: web}\n  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080, protocol: TCP}]\n").expect("write");
+    std::fs::write(&svc, "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  type: NodePort\n  selector: {app: web}\n  ports:\n  - {name: http, port: 80, targetPort: 8080, nodePort: 30080, protocol: TCP}\n  - {name: echo, port: 90, targetPort: 9090, nodePort: 30090, protocol: TCP}\n").expect("write");
     cluster.ok(&["apply", "-f", svc.to_str().expect("path")]);
 
     // Until programmed on both nodes: every client port answered through both.
@@ -325,6 +346,20 @@ fn a_node_port_reached_through_either_node_lands_on_the_same_backend_per_client_
     assert_eq!(via1, via2, "node-1 and node-2 chose different backends");
     let used: std::collections::BTreeSet<&String> = via1.values().collect();
     assert_eq!(used.len(), 3, "all three backends used: {used:?}");
+
+    // A flow in flight through a node keeps its backend while the table
+    // changes under it (another backend leaves, then comes back).
+    let mut held = HeldConnection::open_external("10.99.0.12", 30090);
+    let other = ["w1", "w2", "w3"]
+        .into_iter()
+        .find(|w| *w != held.backend)
+        .expect("another backend");
+    cluster.ok(&["pod", "label", other, "app=gone"]);
+    wait_programmed(&cluster);
+    assert_eq!(held.echo("one"), "one", "the held flow broke");
+    cluster.ok(&["pod", "label", other, "app=web"]);
+    wait_programmed(&cluster);
+    assert_eq!(held.echo("two"), "two", "the held flow broke");
 }
 
 /// `membrane lb table SERVICE --node NODE -o json`: slots as that node's maps hold them.

@@ -269,7 +269,9 @@ fn six_pods_on_two_nodes_reach_each_other_and_the_world_over_tcp_and_udp() {
     std::thread::sleep(Duration::from_millis(300));
     cluster.ok(&["pod", "rm", "a3"]);
     assert!(!netns_exists("pod-default-a3"));
-    assert!(!std::path::Path::new("/sys/fs/cgroup/unified/membrane/node-1/pod-default-a3").exists());
+    assert!(
+        !std::path::Path::new("/sys/fs/cgroup/unified/membrane/node-1/pod-default-a3").exists()
+    );
     let exited = sleeper.wait().expect("wait");
     assert!(!exited.success(), "the pod's process was not killed");
     assert_eq!(lxc_devices("node-1").len(), before_devices.len() - 1);
@@ -283,7 +285,10 @@ fn six_pods_on_two_nodes_reach_each_other_and_the_world_over_tcp_and_udp() {
     assert_eq!(allocations(&cluster), 5);
     cluster.ok(&["down"]);
     assert!(!netns_exists("pod-default-a1"), "down removes pods too");
-    assert!(!sleeper_a1.wait().expect("wait").success(), "down kills pods' processes");
+    assert!(
+        !sleeper_a1.wait().expect("wait").success(),
+        "down kills pods' processes"
+    );
     assert!(!std::path::Path::new("/sys/fs/cgroup/unified/membrane/node-1").exists());
 }
 
