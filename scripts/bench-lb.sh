@@ -12,6 +12,9 @@
 #   NICE=-10: run the bench at that priority (the machine is shared; every
 #   path gets the same priority).
 #   CPU=n: the one CPU the client and the backends share (default: the last).
+#   PROGRAMMING_ONLY=true: only the time to program ours per size (table
+#   writes batched vs one syscall per slot and per table) and one table
+#   swap at M = 16381; no namespaces or iptables.
 #   On two CPUs every handshake wakes a thread on the other CPU; in this VM
 #   that made rounds bimodal (x2 in CPU per connection), so they share one.
 set -euo pipefail
@@ -31,6 +34,7 @@ export LB_BENCH_SECS="${SECS:-2}"
 export LB_BENCH_SIZES="${SIZES:-10,1000,10000}"
 export LB_BENCH_CONCURRENCY="${CONCURRENCY:-1}"
 export LB_BENCH_PATHS="${PATHS:-sock,iptables-nft,iptables-legacy}"
+export LB_BENCH_PROGRAMMING_ONLY="${PROGRAMMING_ONLY:-false}"
 CPU="${CPU:-$(($(nproc) - 1))}"
 
 cargo build --release -q -p membrane-node-datapath --example lb_conn_bench

@@ -41,6 +41,12 @@
 //! else runs than the rate does. `scripts/bench-lb.sh` pins the process
 //! (client and backends) to one CPU: spread over two, each handshake wakes
 //! a thread on the other CPU, and rounds became bimodal.
+//!
+//! `--programming-only` measures instead what programming ours costs, per
+//! N, with the table writes batched as the agent does them and with the
+//! path of kernels without batch commands (one update per slot and per
+//! table, the only path before batching), plus one table swap at
+//! M = 16381; no namespaces, cgroups or iptables involved.
 
 // The eBPF tests' fixtures (pin directory, network namespaces, commands):
 // compiled in here too rather than written again.
@@ -63,7 +69,7 @@ use bpf_support::{Netns, PinDir, enter_netns, in_ns, run, unique};
 use clap::Parser;
 use membrane_lb::maglev::{self, Seed, TableSize, Weighted};
 use membrane_node_datapath::bpf::{
-    LbAlgorithm, LbBackend, LbFrontend, LbProtocol, LbService, SockLb,
+    LbAlgorithm, LbBackend, LbFrontend, LbProtocol, LbService, SockLb, TableBatching,
 };
 use membrane_test_support::run_concurrently;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -118,6 +124,10 @@ struct Options {
         default_value = "sock,iptables-nft,iptables-legacy"
     )]
     paths: Vec<Lb>,
+    /// Only measure the time to program ours (per size, batched and
+    /// per-element) and one table swap at M = 16381.
+    #[arg(long, env = "LB_BENCH_PROGRAMMING_ONLY")]
+    programming_only: bool,
 }
 
 /// A way of reaching the ClusterIP.
@@ -208,6 +218,9 @@ fn main() -> anyhow::Result<()> {
             (1..=MAX_SERVICES).contains(n),
             "--sizes: {n} services (1 to {MAX_SERVICES})"
         );
+    }
+    if opts.programming_only {
+        return measure_programming(&opts);
     }
     let mut results = Vec::new();
     for &n in &opts.sizes {
@@ -388,34 +401,14 @@ impl SockSide {
     fn new(services: &[Service]) -> anyhow::Result<Self> {
         let pins = PinDir::new();
         let mut lb = SockLb::load(pins.path()).context("load bpf_sock")?;
-        let seed = Seed::from_bytes(*b"lb-conn-bnch");
-        for svc in services {
-            for (k, address) in svc.backends.iter().enumerate() {
-                lb.upsert_backend(
-                    svc.backend_id(k),
-                    LbBackend {
-                        address: *address,
-                        port: 0,
-                    },
-                )?;
-            }
-            let m = if svc.is_measured() { 16381 } else { 251 };
-            lb.set_table(svc.id(), &maglev_slots(svc, seed, m)?)?;
-            lb.upsert_service(
-                LbFrontend {
-                    address: svc.cluster_ip,
-                    port: SERVICE_PORT,
-                    protocol: LbProtocol::Tcp,
-                },
-                LbService {
-                    service_id: svc.id(),
-                    algorithm: LbAlgorithm::Maglev,
-                    target_port: TARGET_PORT,
-                    hash_source_address_only: false,
-                    affinity_timeout_secs: 0,
-                },
-            )?;
-        }
+        let tables = maglev_tables(services)?;
+        let took = program(&mut lb, services, &tables)?;
+        eprintln!(
+            "{} services: tables {:.2?} of {:.2?} programming",
+            services.len(),
+            took.tables,
+            took.total
+        );
         let cgroup = Cgroup::new()?;
         lb.attach(&cgroup.node).context("attach bpf_sock")?;
         Ok(Self {
@@ -424,6 +417,193 @@ impl SockSide {
             _pins: pins,
         })
     }
+}
+
+/// Time spent programming the maps.
+#[derive(Debug, Clone, Copy)]
+struct ProgrammingTime {
+    total: Duration,
+    /// Of which in `set_tables`.
+    tables: Duration,
+}
+
+/// Every service's Maglev table (M = 16381 for the measured one, 251 for
+/// the fillers), as backend ids.
+fn maglev_tables(services: &[Service]) -> anyhow::Result<Vec<Vec<u32>>> {
+    let seed = Seed::from_bytes(*b"lb-conn-bnch");
+    services
+        .iter()
+        .map(|svc| maglev_slots(svc, seed, if svc.is_measured() { 16381 } else { 251 }))
+        .collect()
+}
+
+/// Programs `services` with their `tables` as the agent's reconciler
+/// does: backends, then every table in one `set_tables`, then frontends.
+fn program(
+    lb: &mut SockLb,
+    services: &[Service],
+    tables: &[Vec<u32>],
+) -> anyhow::Result<ProgrammingTime> {
+    let started = Instant::now();
+    for svc in services {
+        for (k, address) in svc.backends.iter().enumerate() {
+            lb.upsert_backend(
+                svc.backend_id(k),
+                LbBackend {
+                    address: *address,
+                    port: 0,
+                },
+            )?;
+        }
+    }
+    let tables_started = Instant::now();
+    let batch: Vec<(u32, &[u32])> = services
+        .iter()
+        .zip(tables)
+        .map(|(svc, t)| (svc.id(), &t[..]))
+        .collect();
+    lb.set_tables(&batch)?;
+    let tables_took = tables_started.elapsed();
+    for svc in services {
+        lb.upsert_service(
+            LbFrontend {
+                address: svc.cluster_ip,
+                port: SERVICE_PORT,
+                protocol: LbProtocol::Tcp,
+            },
+            LbService {
+                service_id: svc.id(),
+                algorithm: LbAlgorithm::Maglev,
+                target_port: TARGET_PORT,
+                hash_source_address_only: false,
+                affinity_timeout_secs: 0,
+            },
+        )?;
+    }
+    Ok(ProgrammingTime {
+        total: started.elapsed(),
+        tables: tables_took,
+    })
+}
+
+// === --programming-only ===
+
+/// The ways of writing tables compared: what kernels without batch
+/// commands get (and what ours did before batching), the fill batched
+/// alone, and the fill and the outer swaps and removals batched.
+const TABLE_WRITES: [(&str, TableBatching); 3] = [
+    ("per element", TableBatching::NONE),
+    (
+        "fill batched",
+        TableBatching {
+            fill: true,
+            swap: false,
+            remove: false,
+        },
+    ),
+    (
+        "batched",
+        TableBatching {
+            fill: true,
+            swap: true,
+            remove: true,
+        },
+    ),
+];
+/// Above this many services the middle way is skipped, and the first one
+/// does not remove its tables: each pays one map-of-maps wait per table
+/// (minutes at 10,000).
+const PER_TABLE_WAIT_MAX_SERVICES: usize = 1000;
+/// Swaps of the M = 16381 table timed per way (the median is reported).
+const SWAPS: usize = 15;
+/// Tables of M = 16381 in the one `set_tables` call that shows the cost of
+/// a fill apart from the map-of-maps wait.
+const LARGE_TABLES: u32 = 100;
+
+fn measure_programming(opts: &Options) -> anyhow::Result<()> {
+    let mut rows = Vec::new();
+    for &n in &opts.sizes {
+        let services = Service::all(n);
+        let tables = maglev_tables(&services)?;
+        for (i, (way, batching)) in TABLE_WRITES.iter().enumerate() {
+            if i == 1 && n > PER_TABLE_WAIT_MAX_SERVICES {
+                continue;
+            }
+            let pins = PinDir::new();
+            let loaded = Instant::now();
+            let mut lb = SockLb::load(pins.path()).context("load bpf_sock")?;
+            let load = loaded.elapsed();
+            lb.set_table_batching(*batching);
+            ensure!(
+                lb.table_batching() == *batching,
+                "this kernel lacks batch commands: {:?}",
+                lb.table_batching()
+            );
+            let took = program(&mut lb, &services, &tables)?;
+            let ids: Vec<u32> = services.iter().map(Service::id).collect();
+            let remove = if batching.remove || n <= PER_TABLE_WAIT_MAX_SERVICES {
+                let removed = Instant::now();
+                lb.remove_tables(&ids)?;
+                Some(removed.elapsed())
+            } else {
+                None
+            };
+            eprintln!(
+                "{n} services, {way}: programmed in {:.2?} (tables {:.2?}), tables removed in {remove:.2?}, load {load:.2?}",
+                took.total, took.tables
+            );
+            rows.push((n, *way, took, remove, load));
+        }
+    }
+    // One swap of a table of M = 16381 (the measured service's), whole:
+    // build, fill and swap in; alternating between two tables.
+    let services = Service::all(1);
+    let seed = Seed::from_bytes(*b"lb-conn-bnch");
+    let a = maglev_slots(&services[0], seed, 16381)?;
+    let b = maglev_slots(&services[0], Seed::from_bytes(*b"lb-conn-bnc2"), 16381)?;
+    let mut swaps = Vec::new();
+    for (way, batching) in TABLE_WRITES {
+        let pins = PinDir::new();
+        let mut lb = SockLb::load(pins.path()).context("load bpf_sock")?;
+        lb.set_table_batching(batching);
+        let mut took: Vec<Duration> = (0..SWAPS)
+            .map(|k| {
+                let t = if k % 2 == 0 { &a } else { &b };
+                let started = Instant::now();
+                lb.set_table(1, t).map(|()| started.elapsed())
+            })
+            .collect::<Result<_, _>>()?;
+        took.sort();
+        // Many large tables at once: the fills add up, the wait (one per
+        // table or one per batch) does not hide them.
+        let many: Vec<(u32, &[u32])> = (1..=LARGE_TABLES).map(|id| (id, &a[..])).collect();
+        let started = Instant::now();
+        lb.set_tables(&many)?;
+        let many_took = started.elapsed();
+        swaps.push((way, took[SWAPS / 2], took[0], took[SWAPS - 1], many_took));
+    }
+
+    println!(
+        "\n| services | table writes | programming | of which tables | removing every table | load (probes included) |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for (n, way, took, remove, load) in rows {
+        let remove = remove.map_or("-".to_owned(), |r| format!("{r:.3?}"));
+        println!(
+            "| {n} | {way} | {:.3?} | {:.3?} | {remove} | {load:.2?} |",
+            took.total, took.tables
+        );
+    }
+    println!(
+        "\nTables of M = 16381: one swap (`set_table`, median of {SWAPS}, min to max), and {LARGE_TABLES} in one `set_tables`:\n"
+    );
+    println!(
+        "| table writes | one swap | min | max | {LARGE_TABLES} tables |\n| --- | --- | --- | --- | --- |"
+    );
+    for (way, median, min, max, many) in swaps {
+        println!("| {way} | {median:.2?} | {min:.2?} | {max:.2?} | {many:.2?} |");
+    }
+    Ok(())
 }
 
 impl Drop for SockSide {
@@ -937,6 +1117,18 @@ mod tests {
         assert!(rules.contains("--to-destination 10.244.0.3:8080"));
     }
 
+    /// Ten services, one short round on every path.
+    fn smoke(programming_only: bool) -> Options {
+        Options {
+            sizes: vec![10],
+            rounds: 1,
+            secs: 0.2,
+            concurrency: 1,
+            paths: vec![Lb::Sock, Lb::IptablesNft, Lb::IptablesLegacy],
+            programming_only,
+        }
+    }
+
     /// Runs as root only (`cargo test -p membrane-node-datapath --example
     /// lb_conn_bench`); about two seconds, not on the default test path.
     #[test]
@@ -944,17 +1136,19 @@ mod tests {
         if !bpf_support::privileged("lb_conn_bench smoke") {
             return;
         }
-        let opts = Options {
-            sizes: vec![10],
-            rounds: 1,
-            secs: 0.2,
-            concurrency: 1,
-            paths: vec![Lb::Sock, Lb::IptablesNft, Lb::IptablesLegacy],
-        };
-        let results = measure_size(10, &opts).expect("measure 10 services");
+        let results = measure_size(10, &smoke(false)).expect("measure 10 services");
         assert_eq!(results.len(), 3);
         for p in &results {
             assert!(p.rate() > 0.0, "{:?}", p.lb);
         }
+    }
+
+    /// Runs as root only, like the test above; about five seconds.
+    #[test]
+    fn programming_ten_services_is_measured_every_way() {
+        if !bpf_support::privileged("lb_conn_bench programming smoke") {
+            return;
+        }
+        measure_programming(&smoke(true)).expect("measure programming 10 services");
     }
 }

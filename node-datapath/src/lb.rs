@@ -51,6 +51,23 @@ pub trait LbMaps: Send + 'static {
     fn set_table(&mut self, service_id: u32, backend_ids: &[u32]) -> Result<(), String>;
     /// Removes a service's table.
     fn remove_table(&mut self, service_id: u32) -> Result<(), String>;
+    /// Swaps in many services' tables, each whole (readers see a service's
+    /// old table or its new one). Maps that can, batch them: the real ones
+    /// pay the kernel's map-of-maps wait once per batch, not per table. On
+    /// error the message names the services whose table was not applied.
+    fn set_tables(&mut self, tables: &[(u32, &[u32])]) -> Result<(), String> {
+        for (service_id, backend_ids) in tables {
+            self.set_table(*service_id, backend_ids)?;
+        }
+        Ok(())
+    }
+    /// Removes many services' tables (batched where the maps can).
+    fn remove_tables(&mut self, service_ids: &[u32]) -> Result<(), String> {
+        for service_id in service_ids {
+            self.remove_table(*service_id)?;
+        }
+        Ok(())
+    }
     /// Programs a frontend.
     fn upsert_service(&mut self, frontend: LbFrontend, service: LbService) -> Result<(), String>;
     /// Removes a frontend.
@@ -397,10 +414,15 @@ fn sync<M: LbMaps + ?Sized>(
             maps.upsert_backend(*id, *b)?;
         }
     }
-    for (id, t) in &want.tables {
-        if have.tables.get(id) != Some(t) {
-            maps.set_table(*id, t.as_deref().unwrap_or_default())?;
-        }
+    // One batch: the kernel waits for readers once per batch of tables.
+    let tables: Vec<(u32, &[u32])> = want
+        .tables
+        .iter()
+        .filter(|(id, t)| have.tables.get(id) != Some(t))
+        .map(|(id, t)| (*id, t.as_deref().unwrap_or_default()))
+        .collect();
+    if !tables.is_empty() {
+        maps.set_tables(&tables)?;
     }
     for (f, s) in &want.frontends {
         if have.frontends.get(f) != Some(s) {
@@ -441,10 +463,14 @@ fn sync<M: LbMaps + ?Sized>(
             maps.remove_service(*f)?;
         }
     }
-    for id in have.tables.keys() {
-        if !want.tables.contains_key(id) {
-            maps.remove_table(*id)?;
-        }
+    let gone: Vec<u32> = have
+        .tables
+        .keys()
+        .filter(|id| !want.tables.contains_key(id))
+        .copied()
+        .collect();
+    if !gone.is_empty() {
+        maps.remove_tables(&gone)?;
     }
     for id in have.backends.keys() {
         if !want.backends.contains_key(id) {
@@ -615,6 +641,12 @@ impl LbMaps for NodeLbMaps {
     fn remove_table(&mut self, service_id: u32) -> Result<(), String> {
         LbMaps::remove_table(&mut self.sock, service_id)
     }
+    fn set_tables(&mut self, tables: &[(u32, &[u32])]) -> Result<(), String> {
+        LbMaps::set_tables(&mut self.sock, tables)
+    }
+    fn remove_tables(&mut self, service_ids: &[u32]) -> Result<(), String> {
+        LbMaps::remove_tables(&mut self.sock, service_ids)
+    }
     fn upsert_service(&mut self, frontend: LbFrontend, service: LbService) -> Result<(), String> {
         LbMaps::upsert_service(&mut self.sock, frontend, service)
     }
@@ -694,6 +726,14 @@ impl LbMaps for SockLb {
             .map(drop)
             .map_err(|e| format!("{e:#}"))
     }
+    fn set_tables(&mut self, tables: &[(u32, &[u32])]) -> Result<(), String> {
+        SockLb::set_tables(self, tables).map_err(|e| error_chain(&e))
+    }
+    fn remove_tables(&mut self, service_ids: &[u32]) -> Result<(), String> {
+        SockLb::remove_tables(self, service_ids)
+            .map(drop)
+            .map_err(|e| error_chain(&e))
+    }
     fn upsert_service(&mut self, frontend: LbFrontend, service: LbService) -> Result<(), String> {
         SockLb::upsert_service(self, frontend, service).map_err(|e| format!("{e:#}"))
     }
@@ -730,6 +770,18 @@ impl LbMaps for SockLb {
     }
 }
 
+/// `e: its source: …`: which tables a batch left out, and why.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -740,6 +792,8 @@ mod tests {
         backends: BTreeMap<u32, LbBackend>,
         tables: BTreeMap<u32, Vec<u32>>,
         writes: usize,
+        /// Calls of `set_tables` and `remove_tables`, with their sizes.
+        table_batches: Vec<(&'static str, usize)>,
     }
 
     impl LbMaps for FakeMaps {
@@ -768,6 +822,20 @@ mod tests {
         }
         fn remove_table(&mut self, id: u32) -> Result<(), String> {
             self.tables.remove(&id);
+            Ok(())
+        }
+        fn set_tables(&mut self, tables: &[(u32, &[u32])]) -> Result<(), String> {
+            self.table_batches.push(("set", tables.len()));
+            for (id, ids) in tables {
+                self.set_table(*id, ids)?;
+            }
+            Ok(())
+        }
+        fn remove_tables(&mut self, ids: &[u32]) -> Result<(), String> {
+            self.table_batches.push(("remove", ids.len()));
+            for id in ids {
+                self.remove_table(*id)?;
+            }
             Ok(())
         }
         fn upsert_service(&mut self, f: LbFrontend, s: LbService) -> Result<(), String> {
@@ -1008,6 +1076,38 @@ mod tests {
             sink.maps().writes,
             before + 1,
             "one table swapped, nothing else written"
+        );
+    }
+
+    #[test]
+    fn a_reconcile_swaps_every_changed_table_in_one_batch_and_removes_the_gone_ones_in_another() {
+        let mut sink = LbSink::new("node-1", FakeMaps::default());
+        let services = |names: &[&str]| -> BTreeMap<String, Any> {
+            names
+                .iter()
+                .enumerate()
+                .map(|(i, name)| {
+                    let ip = format!("10.96.1.{}", i + 1);
+                    let backend = format!("10.244.1.{}", i + 1);
+                    named(name, &ip, &[(i as u32 + 1, backend.as_str())], 0)
+                })
+                .collect()
+        };
+        sink.reconcile(&services(&["a", "b", "c", "d"]))
+            .expect("reconcile");
+        assert_eq!(sink.maps().table_batches, [("set", 4)]);
+        assert_eq!(sink.maps().tables.len(), 4);
+
+        sink.maps().table_batches.clear();
+        sink.reconcile(&services(&["a", "b"])).expect("reconcile");
+        assert_eq!(sink.maps().table_batches, [("remove", 2)]);
+        assert_eq!(sink.maps().tables.len(), 2);
+
+        sink.maps().table_batches.clear();
+        sink.reconcile(&services(&["a", "b"])).expect("reconcile");
+        assert!(
+            sink.maps().table_batches.is_empty(),
+            "nothing changed: no batch at all"
         );
     }
 }

@@ -24,7 +24,8 @@ use std::{
 use bpf_support::*;
 use membrane_lb::maglev::{self, Seed, TableSize, Weighted};
 use membrane_node_datapath::bpf::{
-    LbAlgorithm, LbBackend, LbFrontend, LbProtocol, LbService, SockLb,
+    LbAlgorithm, LbBackend, LbFrontend, LbProtocol, LbService, MAX_TABLE_SLOTS, ServiceIds, SockLb,
+    SockLbError, TableBatching,
 };
 use nix::sys::socket::{
     AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, setsockopt, socket, sockopt,
@@ -656,4 +657,93 @@ fn getpeername_of_a_connected_socket_is_the_cluster_ip_while_the_data_comes_from
             SocketAddr::from((B2, 8080))
         );
     });
+}
+
+/// A table that says whose it is and which version: slot s of service
+/// `id`, version `v`, is `id * 1000 + v * 100 + s % 7`.
+fn numbered_table(id: u32, version: u32) -> Vec<u32> {
+    (0..251)
+        .map(|s| id * 1000 + version * 100 + s % 7)
+        .collect()
+}
+
+#[test]
+fn a_batch_of_tables_is_read_back_whole_and_a_failing_batch_names_the_tables_it_left_as_they_were()
+{
+    if !privileged("sock_lb_batch") {
+        return;
+    }
+    // Batched (more tables than one outer batch holds, the failure in the
+    // second batch), and the per-element path of kernels without batches.
+    for (batching, n, failing) in [(None, 520, 515), (Some(TableBatching::NONE), 20, 15)] {
+        let pins = PinDir::new();
+        let mut lb = SockLb::load(pins.path()).expect("load bpf_sock");
+        match batching {
+            Some(b) => lb.set_table_batching(b),
+            None => assert_eq!(
+                lb.table_batching(),
+                TableBatching {
+                    fill: true,
+                    swap: true,
+                    remove: true
+                },
+                "this kernel (>= 5.6) has batch commands for arrays and hash-of-maps"
+            ),
+        }
+        let ids: Vec<u32> = (1..=n).collect();
+        let old: Vec<Vec<u32>> = ids.iter().map(|id| numbered_table(*id, 1)).collect();
+        let batch: Vec<(u32, &[u32])> = ids
+            .iter()
+            .copied()
+            .zip(old.iter().map(|t| &t[..]))
+            .collect();
+        lb.set_tables(&batch).expect("first tables");
+        for (id, t) in &batch {
+            assert_eq!(
+                lb.table(*id).expect("read").as_deref(),
+                Some(*t),
+                "service {id}"
+            );
+        }
+
+        // The new tables; one of them too large to be built.
+        let mut new: Vec<Vec<u32>> = ids.iter().map(|id| numbered_table(*id, 2)).collect();
+        new[failing] = vec![1; MAX_TABLE_SLOTS + 1];
+        let batch: Vec<(u32, &[u32])> = ids
+            .iter()
+            .copied()
+            .zip(new.iter().map(|t| &t[..]))
+            .collect();
+        match lb.set_tables(&batch) {
+            Err(SockLbError::TablesNotApplied {
+                not_applied,
+                total,
+                source,
+            }) => {
+                assert_eq!(not_applied, ServiceIds(ids[failing..].to_vec()));
+                assert_eq!(total, ids.len());
+                assert!(
+                    matches!(*source, SockLbError::TableTooLarge { service_id, .. } if service_id == ids[failing]),
+                    "{source}"
+                );
+            }
+            other => panic!("expected TablesNotApplied, got {other:?}"),
+        }
+        for (i, id) in ids.iter().enumerate() {
+            let want = if i < failing { &new[i] } else { &old[i] };
+            assert_eq!(
+                lb.table(*id).expect("read").as_ref(),
+                Some(want),
+                "service {id}"
+            );
+        }
+
+        // A missing table in the middle of a removal is skipped.
+        let removed = lb.remove_tables(&[1, 9999, 2, 3]).expect("remove");
+        assert_eq!(removed, 3);
+        for id in [1, 2, 3] {
+            assert_eq!(lb.table(id).expect("read"), None);
+        }
+        assert_eq!(lb.table(4).expect("read"), Some(new[3].clone()));
+    }
 }

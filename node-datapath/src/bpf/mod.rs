@@ -16,6 +16,8 @@
 //! - `sock`: [`SockLb`]: socket-level service load balancing (`bpf_sock`,
 //!   cgroup connect4/sendmsg4/recvmsg4/getpeername4), its maps and pinned
 //!   cgroup links.
+//! - `batch`: `BPF_MAP_UPDATE_BATCH` / `BPF_MAP_DELETE_BATCH` (raw `bpf(2)`;
+//!   aya 0.14 has none), used by `sock` for the lb tables.
 //!
 //! Invariants:
 //! - Maps are pinned by name under `<pin_dir>/v<LAYOUT_VERSION>/`: both
@@ -29,6 +31,7 @@
 
 mod abi;
 mod announce;
+mod batch;
 mod bpffs;
 mod datapath;
 mod error;
@@ -51,8 +54,8 @@ pub use events::{AsyncEventReader, EventReader};
 pub use features::{Features, probe_features};
 pub use policy::{PolicyEntry, PolicyError, PortMatch, Verdict, identity};
 pub use sock::{
-    LbAlgorithm, LbBackend, LbFrontend, LbProtocol, LbService, SOCK_LB_LAYOUT_VERSION, SockLb,
-    SockLbError,
+    LbAlgorithm, LbBackend, LbFrontend, LbProtocol, LbService, MAX_TABLE_SLOTS,
+    SOCK_LB_LAYOUT_VERSION, ServiceIds, SockLb, SockLbError, TableBatching,
 };
 pub use types::{
     Counter, CtDirection, CtEntry, DatapathEvent, Direction, DropReason, EndpointInfo, EventKind,

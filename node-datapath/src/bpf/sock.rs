@@ -9,18 +9,31 @@
 //! and per-service tables. A table (Maglev slots, or the backend list for
 //! `random`, followed by its sorted member list for session affinity) is a
 //! new inner array swapped into `mb_lb_tables` in one update.
+//!
+//! Programming many tables is dominated by two kernel costs, so both are
+//! batched (`batch.rs`) where the kernel allows it ([`TableBatching`],
+//! probed at load): an inner array is filled in one `BPF_MAP_UPDATE_BATCH`
+//! instead of one update per slot (M = 16381 for a large Maglev table), and
+//! [`SockLb::set_tables`] / [`SockLb::remove_tables`] swap many inner
+//! arrays into (out of) `mb_lb_tables` per call, because the kernel waits
+//! for a `synchronize_rcu()` after every write to a map-of-maps, batch or
+//! single element alike (8–16 ms here). Each key of a batch is still
+//! one pointer swap: readers see a service's old table or its new one.
 
 use std::{
     collections::BTreeSet,
-    fs, io,
+    fmt, fs, io,
     net::Ipv4Addr,
-    os::unix::fs::MetadataExt as _,
+    os::{
+        fd::{AsFd as _, AsRawFd as _, OwnedFd},
+        unix::fs::MetadataExt as _,
+    },
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, HashOfMaps, MapData, MapError},
+    maps::{Array, HashMap, HashOfMaps, IterableMap as _, Map, MapData, MapError},
     pin::PinError,
     programs::{
         CgroupAttachMode, CgroupSockAddr, ProgramError,
@@ -38,6 +51,16 @@ const IPPROTO_UDP: u8 = 17;
 const LB_ALG_RANDOM: u8 = 1;
 const LB_ALG_MAGLEV: u8 = 2;
 const LB_F_HASH_SADDR_ONLY: u8 = 0x1;
+/// The most slots a table may have: the largest Maglev M is 131071 and a
+/// `random` table lists at most the 65536 backends `mb_lb_backends` holds,
+/// so this only bounds what a caller's bug could ask the kernel to
+/// allocate (at most 8 MiB for one inner array: slots and members).
+pub const MAX_TABLE_SLOTS: usize = 1 << 20;
+/// Tables swapped into `mb_lb_tables` per `BPF_MAP_UPDATE_BATCH`: every
+/// batch costs one `synchronize_rcu()`, and until it is made each table
+/// holds an open fd (its inner array), while the agent may run with the
+/// common soft limit of 1,024 open files.
+const TABLES_PER_BATCH: usize = 512;
 
 /// The programs of `bpf_sock`, in attach order.
 const PROGRAMS: [&str; 4] = [
@@ -204,14 +227,93 @@ pub enum SockLbError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    /// A table is larger than an inner array can be.
-    #[error("table of service {service_id} has {len} slots (too many)")]
+    /// A table has more than [`MAX_TABLE_SLOTS`] slots.
+    #[error("table of service {service_id} has {len} slots (at most {MAX_TABLE_SLOTS})")]
     TableTooLarge {
         /// The service id.
         service_id: u32,
         /// The slots asked for.
         len: usize,
     },
+    /// A batch command failed (see [`SockLbError::TablesNotApplied`] for
+    /// which tables it left out).
+    #[error("{command} on map `{map}`")]
+    Batch {
+        /// The map.
+        map: &'static str,
+        /// The `bpf(2)` command.
+        command: &'static str,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// [`SockLb::set_tables`] stopped part-way: the tables before these
+    /// services' were swapped in; these services keep the table they had
+    /// (or none).
+    #[error("tables of {} of {total} services not applied (kept as they were): services {not_applied}", not_applied.0.len())]
+    TablesNotApplied {
+        /// The services whose table was not swapped in, in the order given.
+        not_applied: ServiceIds,
+        /// How many tables the call had.
+        total: usize,
+        /// What stopped it.
+        #[source]
+        source: Box<SockLbError>,
+    },
+    /// [`SockLb::remove_tables`] stopped part-way: these services' tables
+    /// were not removed (the others were).
+    #[error("tables of {} of {total} services not removed: services {not_removed}", not_removed.0.len())]
+    TablesNotRemoved {
+        /// The services whose table is still there, in the order given.
+        not_removed: ServiceIds,
+        /// How many tables the call had.
+        total: usize,
+        /// What stopped it.
+        #[source]
+        source: Box<SockLbError>,
+    },
+}
+
+/// Service ids named by an error; shows the first few.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceIds(pub Vec<u32>);
+
+impl fmt::Display for ServiceIds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const SHOWN: usize = 8;
+        for (i, id) in self.0.iter().take(SHOWN).enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{id}")?;
+        }
+        if self.0.len() > SHOWN {
+            write!(f, " and {} more", self.0.len() - SHOWN)?;
+        }
+        Ok(())
+    }
+}
+
+/// Which batch commands the lb tables use, as probed at load (a kernel
+/// without them, before 5.6, gets one update per slot and per table).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableBatching {
+    /// An inner array is filled with one `BPF_MAP_UPDATE_BATCH`.
+    pub fill: bool,
+    /// Tables are swapped into `mb_lb_tables` with `BPF_MAP_UPDATE_BATCH`.
+    pub swap: bool,
+    /// Tables are removed from `mb_lb_tables` with `BPF_MAP_DELETE_BATCH`.
+    pub remove: bool,
+}
+
+impl TableBatching {
+    /// One syscall per slot and per table: what a kernel without batch
+    /// commands gets.
+    pub const NONE: Self = Self {
+        fill: false,
+        swap: false,
+        remove: false,
+    };
 }
 
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> SockLbError {
@@ -237,6 +339,13 @@ pub struct SockLb {
     be_ports: HashMap<MapData, ServiceKey, u32>,
     backends: HashMap<MapData, u32, BackendValue>,
     tables: HashOfMaps<MapData, u32, Array<MapData, u32>>,
+    /// A second fd of `mb_lb_tables` for the batch commands (aya's
+    /// `HashOfMaps` does not lend its own).
+    tables_fd: OwnedFd,
+    /// What the kernel supports (probed at load).
+    batching_probed: TableBatching,
+    /// What is used (at most the probed).
+    batching: TableBatching,
 }
 
 impl std::fmt::Debug for SockLb {
@@ -274,7 +383,26 @@ impl SockLb {
         let ext_services = take_map(&mut ebpf, "mb_lb_ext_services", HashMap::try_from)?;
         let be_ports = take_map(&mut ebpf, "mb_lb_be_ports", HashMap::try_from)?;
         let backends = take_map(&mut ebpf, "mb_lb_backends", HashMap::try_from)?;
-        let tables = take_map(&mut ebpf, "mb_lb_tables", HashOfMaps::try_from)?;
+        let (tables, tables_fd) = take_map(&mut ebpf, "mb_lb_tables", |map| {
+            let fd = match &map {
+                Map::HashOfMaps(data) => Some(data.fd().as_fd().try_clone_to_owned()),
+                _ => None,
+            };
+            let tables = HashOfMaps::try_from(map)?;
+            // Some: the conversion above rejects every other map type.
+            let fd = fd
+                .ok_or(MapError::InvalidName {
+                    name: "mb_lb_tables".into(),
+                })?
+                .map_err(|io_error| {
+                    MapError::SyscallError(aya::sys::SyscallError {
+                        call: "dup",
+                        io_error,
+                    })
+                })?;
+            Ok((tables, fd))
+        })?;
+        let batching_probed = probe_batching(&tables_fd)?;
         Ok(Self {
             ebpf,
             pin_dir: pin_dir.to_owned(),
@@ -283,7 +411,27 @@ impl SockLb {
             be_ports,
             backends,
             tables,
+            tables_fd,
+            batching_probed,
+            batching: batching_probed,
         })
+    }
+
+    /// The batch commands the table writes use.
+    pub fn table_batching(&self) -> TableBatching {
+        self.batching
+    }
+
+    /// Limits the batch commands the table writes use (never beyond what
+    /// the kernel has): [`TableBatching::NONE`] is the path of kernels
+    /// without them, for benchmarks and tests.
+    pub fn set_table_batching(&mut self, batching: TableBatching) {
+        let p = self.batching_probed;
+        self.batching = TableBatching {
+            fill: batching.fill && p.fill,
+            swap: batching.swap && p.swap,
+            remove: batching.remove && p.remove,
+        };
     }
 
     /// Where the maps are pinned.
@@ -488,27 +636,125 @@ impl SockLb {
     /// with its member list: from then on session affinity never leads to
     /// a backend the table does not list.
     pub fn set_table(&mut self, service_id: u32, backend_ids: &[u32]) -> Result<(), SockLbError> {
-        let slots = table_slots(backend_ids);
-        let too_large = SockLbError::TableTooLarge {
-            service_id,
-            len: backend_ids.len(),
-        };
-        let len = u32::try_from(slots.len()).map_err(|_| too_large)?;
-        let mut inner = Array::<MapData, u32>::create(len, BPF_F_INNER_MAP)
-            .map_err(map_err("mb_lb_tables (inner)"))?;
-        let inner_err = map_err("mb_lb_tables (inner)");
-        let mut fill = || -> Result<(), MapError> {
-            // The count (slot 0) last: a half-filled array is never
-            // referenced anyway.
-            for (i, v) in slots.iter().enumerate().skip(1) {
-                inner.set(i as u32, v, 0)?;
-            }
-            inner.set(0, slots[0], 0)
-        };
-        fill().map_err(inner_err)?;
+        let inner = self.build_table(service_id, backend_ids)?;
         self.tables
             .insert(service_id, &inner, 0)
             .map_err(map_err("mb_lb_tables"))
+    }
+
+    /// Swaps in the tables of many services, as [`SockLb::set_table`] does
+    /// for one, with one `synchronize_rcu()` per up to 512 tables instead of
+    /// one per table. Each service's readers see its old table or its new
+    /// one, whole; the services are switched one after the other, in the
+    /// order given, not all at once.
+    ///
+    /// On error ([`SockLbError::TablesNotApplied`]) the tables before the
+    /// failing one are swapped in and the failing one and those after it
+    /// are not: they keep the table they had.
+    pub fn set_tables(&mut self, tables: &[(u32, &[u32])]) -> Result<(), SockLbError> {
+        let not_applied = |from: usize, source: SockLbError| SockLbError::TablesNotApplied {
+            not_applied: ServiceIds(tables[from..].iter().map(|(id, _)| *id).collect()),
+            total: tables.len(),
+            source: Box::new(source),
+        };
+        for (n, chunk) in tables.chunks(TABLES_PER_BATCH).enumerate() {
+            let start = n * TABLES_PER_BATCH;
+            let mut inners = Vec::with_capacity(chunk.len());
+            let mut failed = None;
+            for (id, backend_ids) in chunk {
+                match self.build_table(*id, backend_ids) {
+                    Ok(inner) => inners.push(inner),
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            // What was built goes in, so that the tables applied are always
+            // the ones before the failure.
+            let ids: Vec<u32> = chunk[..inners.len()].iter().map(|(id, _)| *id).collect();
+            self.swap_tables(&ids, &inners)
+                .map_err(|(applied, e)| not_applied(start + applied, e))?;
+            if let Some(e) = failed {
+                return Err(not_applied(start + inners.len(), e));
+            }
+        }
+        Ok(())
+    }
+
+    /// Points `ids[i]` at `inners[i]`; on error, how many were.
+    fn swap_tables(
+        &mut self,
+        ids: &[u32],
+        inners: &[Array<MapData, u32>],
+    ) -> Result<(), (usize, SockLbError)> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        if !self.batching.swap {
+            for (i, (id, inner)) in ids.iter().zip(inners).enumerate() {
+                self.tables
+                    .insert(id, inner, 0)
+                    .map_err(|e| (i, map_err("mb_lb_tables")(e)))?;
+            }
+            return Ok(());
+        }
+        // A map-of-maps takes the inner map's fd as the value. The fds
+        // stay open (`inners`) until the call returns.
+        let fds: Vec<u32> = inners
+            .iter()
+            .map(|inner| inner.map().fd().as_fd().as_raw_fd() as u32)
+            .collect();
+        super::batch::update(self.tables_fd.as_fd(), ids, &fds).map_err(|e| {
+            (
+                e.applied,
+                SockLbError::Batch {
+                    map: "mb_lb_tables",
+                    command: e.command,
+                    source: e.source,
+                },
+            )
+        })
+    }
+
+    /// A new inner array holding the table (not referenced yet).
+    fn build_table(
+        &self,
+        service_id: u32,
+        backend_ids: &[u32],
+    ) -> Result<Array<MapData, u32>, SockLbError> {
+        if backend_ids.len() > MAX_TABLE_SLOTS {
+            return Err(SockLbError::TableTooLarge {
+                service_id,
+                len: backend_ids.len(),
+            });
+        }
+        let slots = table_slots(backend_ids);
+        // Fits: at most 2 * MAX_TABLE_SLOTS + 2.
+        let len = slots.len() as u32;
+        let inner_err = map_err("mb_lb_tables (inner)");
+        let mut inner = Array::<MapData, u32>::create(len, BPF_F_INNER_MAP).map_err(inner_err)?;
+        if self.batching.fill {
+            let keys: Vec<u32> = (0..len).collect();
+            super::batch::update(inner.map().fd().as_fd(), &keys, &slots).map_err(|e| {
+                SockLbError::Batch {
+                    map: "mb_lb_tables (inner)",
+                    command: e.command,
+                    source: e.source,
+                }
+            })?;
+        } else {
+            let mut fill = || -> Result<(), MapError> {
+                // The count (slot 0) last: a half-filled array is never
+                // referenced anyway.
+                for (i, v) in slots.iter().enumerate().skip(1) {
+                    inner.set(i as u32, v, 0)?;
+                }
+                inner.set(0, slots[0], 0)
+            };
+            fill().map_err(map_err("mb_lb_tables (inner)"))?;
+        }
+        Ok(inner)
     }
 
     /// The table programmed for `service_id` (backend id per slot).
@@ -529,6 +775,76 @@ impl SockLb {
     pub fn remove_table(&mut self, service_id: u32) -> Result<bool, SockLbError> {
         absent_is_false(self.tables.remove(&service_id), "mb_lb_tables")
     }
+
+    /// Removes the tables of `service_ids` with one `synchronize_rcu()` for
+    /// all (unless some are missing: each missing one costs another).
+    /// Returns how many there were. On error
+    /// ([`SockLbError::TablesNotRemoved`]) the ones named are still there.
+    pub fn remove_tables(&mut self, service_ids: &[u32]) -> Result<usize, SockLbError> {
+        let mut removed = 0;
+        if !self.batching.remove {
+            for (i, id) in service_ids.iter().enumerate() {
+                match self.remove_table(*id) {
+                    Ok(was) => removed += usize::from(was),
+                    Err(e) => return Err(not_removed(service_ids, i, e)),
+                }
+            }
+            return Ok(removed);
+        }
+        let mut done = 0;
+        while done < service_ids.len() {
+            let rest = &service_ids[done..];
+            match super::batch::delete(self.tables_fd.as_fd(), rest) {
+                Ok(()) => {
+                    removed += rest.len();
+                    done = service_ids.len();
+                }
+                // The kernel stops at a missing key: skip it, go on after it.
+                Err(e) if e.source.raw_os_error() == Some(libc::ENOENT) => {
+                    removed += e.applied;
+                    done += e.applied + 1;
+                }
+                Err(e) => {
+                    let source = SockLbError::Batch {
+                        map: "mb_lb_tables",
+                        command: e.command,
+                        source: e.source,
+                    };
+                    return Err(not_removed(service_ids, done + e.applied, source));
+                }
+            }
+        }
+        Ok(removed)
+    }
+}
+
+fn not_removed(service_ids: &[u32], from: usize, source: SockLbError) -> SockLbError {
+    SockLbError::TablesNotRemoved {
+        not_removed: ServiceIds(service_ids[from..].to_vec()),
+        total: service_ids.len(),
+        source: Box::new(source),
+    }
+}
+
+/// Which batch commands the kernel has for the lb tables: on a throwaway
+/// inner array (filling) and on `mb_lb_tables` itself (swapping, removing;
+/// empty batches, which cost a `synchronize_rcu()` each, once per load).
+fn probe_batching(tables: &OwnedFd) -> Result<TableBatching, SockLbError> {
+    let inner_err = map_err("mb_lb_tables (inner)");
+    let probe_err = |map| {
+        move |e: super::batch::BatchError| SockLbError::Batch {
+            map,
+            command: e.command,
+            source: e.source,
+        }
+    };
+    let inner = Array::<MapData, u32>::create(1, BPF_F_INNER_MAP).map_err(inner_err)?;
+    let inner_fd = inner.map().fd().as_fd();
+    Ok(TableBatching {
+        fill: super::batch::probe(inner_fd, true).map_err(probe_err("mb_lb_tables (inner)"))?,
+        swap: super::batch::probe(tables.as_fd(), true).map_err(probe_err("mb_lb_tables"))?,
+        remove: super::batch::probe(tables.as_fd(), false).map_err(probe_err("mb_lb_tables"))?,
+    })
 }
 
 /// The inner array of a table (see `mb_lb_tables` in lb.h): the count n,
