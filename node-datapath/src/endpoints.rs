@@ -165,6 +165,9 @@ pub struct EndpointManager {
     identity: Option<IdentityClient>,
     /// What policy says; read when (re)programming an endpoint.
     policy: Mutex<PolicyState>,
+    /// Set when a policy apply failed part-way: the next one reprograms
+    /// every endpoint and rewrites every CIDR identity, not only what it changed.
+    policy_resync: std::sync::atomic::AtomicBool,
     /// Serializes add/del: they read and write records and the id space.
     lock: tokio::sync::Mutex<()>,
 }
@@ -223,6 +226,7 @@ impl EndpointManager {
             ipam,
             identity,
             policy: Mutex::new(PolicyState::default()),
+            policy_resync: std::sync::atomic::AtomicBool::new(false),
             lock: tokio::sync::Mutex::new(()),
         })
     }
@@ -541,7 +545,7 @@ impl EndpointManager {
     /// Writes the endpoint's policy entries, then its map entry with the
     /// enforcement flags: the entry never points at a policy not yet written.
     fn reprogram(&self, r: &EndpointRecord) -> Result<(), EndpointError> {
-        let mut st = self.policy.lock().unwrap_or_else(|p| p.into_inner());
+        let st = self.policy.lock().unwrap_or_else(|p| p.into_inner());
         let mut info = endpoint_info(r)?;
         info.flags = st.flags_for(r.identity);
         let entries = st.entries_for(r.id, r.identity);
@@ -552,31 +556,50 @@ impl EndpointManager {
         Ok(())
     }
 
-    /// Replaces the policy state and re-programs every endpoint with it;
-    /// CIDR prefixes that rules name get node-local identities in the ipcache.
+    /// Replaces the policy state and reprograms the endpoints whose
+    /// identity's entries or enforcement changed (every endpoint after an
+    /// apply that failed part-way); CIDR prefixes that rules name get
+    /// node-local identities in the ipcache. Returns how many endpoints it
+    /// reprogrammed.
     pub async fn apply_policies(
         &self,
         policies: BTreeMap<u32, membrane_proto::policy::v1::IdentityPolicy>,
-    ) -> Result<(), EndpointError> {
+    ) -> Result<usize, EndpointError> {
+        use std::sync::atomic::Ordering;
+
         let _guard = self.lock.lock().await;
-        let (added, removed) = self
-            .policy
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .set_policies(policies);
+        // Marked before any write, cleared only when all succeeded: the
+        // state below moves to the new policies at once, so a retry of the
+        // same policies would otherwise see nothing to do.
+        let resync = self.policy_resync.swap(true, Ordering::SeqCst);
+        let (change, cidrs) = {
+            let mut st = self.policy.lock().unwrap_or_else(|p| p.into_inner());
+            let change = st.set_policies(policies);
+            let cidrs: Vec<(Ipv4Net, u32)> = if resync {
+                st.cidr_identities().iter().map(|(n, i)| (*n, *i)).collect()
+            } else {
+                change.cidr_added.clone()
+            };
+            (change, cidrs)
+        };
         {
             let mut dp = self.datapath();
-            for (net, id) in added {
+            for (net, id) in cidrs {
                 dp.upsert_ipcache(net, id)?;
             }
-            for net in removed {
-                dp.remove_ipcache(net)?;
+            for net in &change.cidr_removed {
+                dp.remove_ipcache(*net)?;
             }
         }
+        let mut reprogrammed = 0;
         for r in self.records() {
-            self.reprogram(&r)?;
+            if resync || change.reaches(r.identity) {
+                self.reprogram(&r)?;
+                reprogrammed += 1;
+            }
         }
-        Ok(())
+        self.policy_resync.store(false, Ordering::SeqCst);
+        Ok(reprogrammed)
     }
 
     /// The rule a drop's rule id names.

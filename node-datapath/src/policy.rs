@@ -12,8 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use ipnet::Ipv4Net;
 use membrane_proto::policy::v1 as pb;
 
-use crate::bpf::{Datapath, Direction, EndpointInfo, PolicyEntry, PortMatch, Verdict};
-use crate::endpoints::EndpointRecord;
+use crate::bpf::{Direction, EndpointInfo, PolicyEntry, PortMatch, Verdict};
 
 /// First node-local CIDR identity (`membrane.identity.v1.IdentityRange`).
 pub const CIDR_BASE: u32 = 1 << 24;
@@ -24,20 +23,43 @@ const WORLD: u32 = 2;
 pub struct PolicyState {
     /// Resolved policy per subject identity.
     policies: BTreeMap<u32, pb::IdentityPolicy>,
+    /// The datapath entries of each subject identity, computed once per
+    /// change of its policy (or of the CIDR identities it names) and shared
+    /// by its endpoints; `endpoint_id` is 0 here and set per endpoint.
+    entries: BTreeMap<u32, Vec<PolicyEntry>>,
     /// Node-local identities of the CIDR prefixes that rules name.
     cidr_ids: BTreeMap<Ipv4Net, u32>,
-    /// Rule ids reported with drops, by rule (`kind/ns/name path`).
+    /// Rule ids reported with drops, by rule (`kind/ns/name path`). Never
+    /// reused, so an unchanged policy keeps its entries' rule ids.
     rule_ids: BTreeMap<String, u32>,
+}
+
+/// What one [`PolicyState::set_policies`] changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct PolicyChange {
+    /// CIDR identities to add to the ipcache map.
+    pub cidr_added: Vec<(Ipv4Net, u32)>,
+    /// CIDR prefixes to remove from the ipcache map.
+    pub cidr_removed: Vec<Ipv4Net>,
+    /// Subject identities whose endpoints need reprogramming: their entries
+    /// or their enforcement flags differ from before.
+    pub identities: BTreeSet<u32>,
+}
+
+impl PolicyChange {
+    /// Whether an endpoint of `identity` needs reprogramming.
+    pub fn reaches(&self, identity: u32) -> bool {
+        self.identities.contains(&identity)
+    }
 }
 
 impl PolicyState {
     /// Replaces the policies; gives every CIDR prefix they name (and only
     /// those) an identity, keeping the numbers of prefixes still named.
-    /// Returns the CIDR entries to add and to remove from the ipcache map.
-    pub fn set_policies(
-        &mut self,
-        policies: BTreeMap<u32, pb::IdentityPolicy>,
-    ) -> (Vec<(Ipv4Net, u32)>, Vec<Ipv4Net>) {
+    /// Re-resolves only the identities whose policy changed, or that name
+    /// CIDR identities when those changed, and reports which of them now
+    /// resolve differently.
+    pub fn set_policies(&mut self, policies: BTreeMap<u32, pb::IdentityPolicy>) -> PolicyChange {
         let mut named = BTreeSet::new();
         for p in policies.values() {
             for r in &p.rules {
@@ -71,25 +93,40 @@ impl PolicyState {
                 added.push((net, id));
             }
         }
-        self.policies = policies;
-        (added, removed)
+        let cidrs_changed = !added.is_empty() || !removed.is_empty();
+
+        let old = std::mem::replace(&mut self.policies, policies);
+        let subjects: BTreeSet<u32> = old.keys().chain(self.policies.keys()).copied().collect();
+        let mut identities = BTreeSet::new();
+        for id in subjects {
+            let (before, after) = (old.get(&id), self.policies.get(&id));
+            let same_input = before == after && !(cidrs_changed && after.is_some_and(names_cidrs));
+            if same_input {
+                continue;
+            }
+            let entries = after
+                .map(|p| resolve(p, &self.cidr_ids, &mut self.rule_ids))
+                .unwrap_or_default();
+            let flags_changed = before.map(flags) != after.map(flags);
+            let previous = if entries.is_empty() {
+                self.entries.remove(&id)
+            } else {
+                self.entries.insert(id, entries.clone())
+            };
+            if flags_changed || previous.unwrap_or_default() != entries {
+                identities.insert(id);
+            }
+        }
+        PolicyChange {
+            cidr_added: added,
+            cidr_removed: removed,
+            identities,
+        }
     }
 
     /// Enforcement flags for an endpoint of `identity`.
     pub fn flags_for(&self, identity: u32) -> u32 {
-        self.policies
-            .get(&identity)
-            .map(|p| EndpointInfo::enforcement_flags(p.ingress_enforced, p.egress_enforced))
-            .unwrap_or(0)
-    }
-
-    fn rule_id(&mut self, r: &Option<pb::RuleRef>) -> u32 {
-        let key = r
-            .as_ref()
-            .map(|r| format!("{}/{}/{} {}", r.kind, r.namespace, r.name, r.path))
-            .unwrap_or_default();
-        let next = self.rule_ids.len() as u32 + 1;
-        *self.rule_ids.entry(key).or_insert(next)
+        self.policies.get(&identity).map(flags).unwrap_or(0)
     }
 
     /// The rule a drop's `rule_id` names.
@@ -100,77 +137,116 @@ impl PolicyState {
             .map(|(k, _)| k.as_str())
     }
 
-    /// The peers a rule matches, as datapath identities (`None` = any peer).
-    fn peers(&self, peer: &Option<pb::resolved_rule::Peer>) -> Vec<Option<u32>> {
-        match peer {
-            None | Some(pb::resolved_rule::Peer::Any(_)) => vec![None],
-            Some(pb::resolved_rule::Peer::Identities(set)) => {
-                let mut out: BTreeSet<u32> = set.ids.iter().copied().collect();
-                // World stands for every address outside the cluster, CIDR identities included.
-                if out.contains(&WORLD) {
-                    out.extend(self.cidr_ids.values().copied());
-                }
-                out.into_iter().map(Some).collect()
-            }
-            Some(pb::resolved_rule::Peer::Cidr(c)) => {
-                let Ok(p) = c.cidr.parse::<Ipv4Net>() else {
-                    return Vec::new();
-                };
-                let except: Vec<Ipv4Net> = c.except.iter().filter_map(|e| e.parse().ok()).collect();
-                let mut out: BTreeSet<u32> = self
-                    .cidr_ids
-                    .iter()
-                    .filter(|(q, _)| p.contains(*q) && !except.iter().any(|e| e.contains(*q)))
-                    .map(|(_, id)| *id)
-                    .collect();
-                if p.prefix_len() == 0 && except.is_empty() {
-                    out.insert(WORLD);
-                }
-                out.into_iter().map(Some).collect()
-            }
-        }
-    }
-
     /// The datapath entries of one endpoint.
-    pub fn entries_for(&mut self, endpoint_id: u32, identity: u32) -> Vec<PolicyEntry> {
-        let Some(policy) = self.policies.get(&identity).cloned() else {
-            return Vec::new();
-        };
-        let mut out = Vec::new();
-        for rule in &policy.rules {
-            let direction = match pb::Direction::try_from(rule.direction) {
-                Ok(pb::Direction::Ingress) => Direction::Ingress,
-                Ok(pb::Direction::Egress) => Direction::Egress,
-                _ => continue,
-            };
-            let verdict = match pb::Verdict::try_from(rule.verdict) {
-                Ok(pb::Verdict::Allow) => Verdict::Allow,
-                Ok(pb::Verdict::Deny) => Verdict::Deny,
-                _ => continue,
-            };
-            let rule_id = self.rule_id(&rule.rule);
-            let ports = port_matches(&rule.ports);
-            for peer in self.peers(&rule.peer) {
-                for (proto, ports) in &ports {
-                    out.push(PolicyEntry {
-                        endpoint_id,
-                        direction,
-                        proto: *proto,
-                        peer_identity: peer,
-                        ports: *ports,
-                        verdict,
-                        rule_id,
-                    });
-                }
-            }
-        }
-        out
+    pub fn entries_for(&self, endpoint_id: u32, identity: u32) -> Vec<PolicyEntry> {
+        self.entries
+            .get(&identity)
+            .map(|entries| {
+                entries
+                    .iter()
+                    .map(|e| PolicyEntry { endpoint_id, ..*e })
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// CIDR identities, for the ipcache map.
     pub fn cidr_identities(&self) -> &BTreeMap<Ipv4Net, u32> {
         &self.cidr_ids
     }
+}
+
+fn flags(p: &pb::IdentityPolicy) -> u32 {
+    EndpointInfo::enforcement_flags(p.ingress_enforced, p.egress_enforced)
+}
+
+/// Whether `p`'s entries depend on the CIDR identities: a CIDR peer, or
+/// world (which stands for every CIDR identity too).
+fn names_cidrs(p: &pb::IdentityPolicy) -> bool {
+    p.rules.iter().any(|r| match &r.peer {
+        Some(pb::resolved_rule::Peer::Cidr(_)) => true,
+        Some(pb::resolved_rule::Peer::Identities(set)) => set.ids.contains(&WORLD),
+        _ => false,
+    })
+}
+
+fn rule_id(rule_ids: &mut BTreeMap<String, u32>, r: &Option<pb::RuleRef>) -> u32 {
+    let key = r
+        .as_ref()
+        .map(|r| format!("{}/{}/{} {}", r.kind, r.namespace, r.name, r.path))
+        .unwrap_or_default();
+    let next = rule_ids.len() as u32 + 1;
+    *rule_ids.entry(key).or_insert(next)
+}
+
+/// The peers a rule matches, as datapath identities (`None` = any peer).
+fn peers(
+    cidr_ids: &BTreeMap<Ipv4Net, u32>,
+    peer: &Option<pb::resolved_rule::Peer>,
+) -> Vec<Option<u32>> {
+    match peer {
+        None | Some(pb::resolved_rule::Peer::Any(_)) => vec![None],
+        Some(pb::resolved_rule::Peer::Identities(set)) => {
+            let mut out: BTreeSet<u32> = set.ids.iter().copied().collect();
+            // World stands for every address outside the cluster, CIDR identities included.
+            if out.contains(&WORLD) {
+                out.extend(cidr_ids.values().copied());
+            }
+            out.into_iter().map(Some).collect()
+        }
+        Some(pb::resolved_rule::Peer::Cidr(c)) => {
+            let Ok(p) = c.cidr.parse::<Ipv4Net>() else {
+                return Vec::new();
+            };
+            let except: Vec<Ipv4Net> = c.except.iter().filter_map(|e| e.parse().ok()).collect();
+            let mut out: BTreeSet<u32> = cidr_ids
+                .iter()
+                .filter(|(q, _)| p.contains(*q) && !except.iter().any(|e| e.contains(*q)))
+                .map(|(_, id)| *id)
+                .collect();
+            if p.prefix_len() == 0 && except.is_empty() {
+                out.insert(WORLD);
+            }
+            out.into_iter().map(Some).collect()
+        }
+    }
+}
+
+/// The datapath entries of one identity's policy, for endpoint 0.
+fn resolve(
+    policy: &pb::IdentityPolicy,
+    cidr_ids: &BTreeMap<Ipv4Net, u32>,
+    rule_ids: &mut BTreeMap<String, u32>,
+) -> Vec<PolicyEntry> {
+    let mut out = Vec::new();
+    for rule in &policy.rules {
+        let direction = match pb::Direction::try_from(rule.direction) {
+            Ok(pb::Direction::Ingress) => Direction::Ingress,
+            Ok(pb::Direction::Egress) => Direction::Egress,
+            _ => continue,
+        };
+        let verdict = match pb::Verdict::try_from(rule.verdict) {
+            Ok(pb::Verdict::Allow) => Verdict::Allow,
+            Ok(pb::Verdict::Deny) => Verdict::Deny,
+            _ => continue,
+        };
+        let rule_id = rule_id(rule_ids, &rule.rule);
+        let ports = port_matches(&rule.ports);
+        for peer in peers(cidr_ids, &rule.peer) {
+            for (proto, ports) in &ports {
+                out.push(PolicyEntry {
+                    endpoint_id: 0,
+                    direction,
+                    proto: *proto,
+                    peer_identity: peer,
+                    ports: *ports,
+                    verdict,
+                    rule_id,
+                });
+            }
+        }
+    }
+    out
 }
 
 /// (protocol, ports) pairs of a rule; an empty list is every port of every protocol.
@@ -200,39 +276,89 @@ fn port_matches(ports: &[pb::PortRange]) -> Vec<(Option<u8>, PortMatch)> {
     out
 }
 
-/// Programs one endpoint's policy and enforcement into the datapath.
-pub fn program_endpoint(
-    state: &mut PolicyState,
-    dp: &mut Datapath,
-    r: &EndpointRecord,
-) -> Result<(), String> {
-    let entries = state.entries_for(r.id, r.identity);
-    dp.replace_endpoint_policy(r.id, &entries)
-        .map_err(|e| format!("policy of endpoint {}: {e:#}", r.id))?;
-    let flags = state.flags_for(r.identity);
-    dp.set_endpoint_enforcement(
-        r.ip,
-        flags & EndpointInfo::INGRESS_ENFORCED != 0,
-        flags & EndpointInfo::EGRESS_ENFORCED != 0,
-    )
-    .map_err(|e| format!("enforcement of endpoint {}: {e:#}", r.id))
-}
-
 /// Decodes the policy service's resources.
 pub fn decode(
     state: &BTreeMap<String, prost_types::Any>,
 ) -> Result<BTreeMap<u32, pb::IdentityPolicy>, String> {
     let mut out = BTreeMap::new();
     for (key, value) in state {
-        if !key.starts_with("policy/") {
+        if !key.starts_with(POLICY_PREFIX) {
             continue;
         }
-        let p: pb::IdentityPolicy = value
-            .to_msg()
-            .map_err(|e| format!("resource `{key}`: {e}"))?;
+        let p = decode_one(key, value)?;
         out.insert(p.identity, p);
     }
     Ok(out)
+}
+
+const POLICY_PREFIX: &str = "policy/";
+
+fn decode_one(key: &str, value: &prost_types::Any) -> Result<pb::IdentityPolicy, String> {
+    value.to_msg().map_err(|e| format!("resource `{key}`: {e}"))
+}
+
+/// The decoded `policy/<id>` resources, kept between applies so that only
+/// the resources that changed are decoded again.
+#[derive(Debug, Default)]
+pub struct PolicyDecoder {
+    /// Decoded resources, by key.
+    decoded: BTreeMap<String, pb::IdentityPolicy>,
+    /// Keys named as changed by an apply that did not succeed: a retry is
+    /// handed no changed keys, yet must still decode them.
+    pending: BTreeSet<String>,
+}
+
+impl PolicyDecoder {
+    /// The policies `state` holds, by subject identity (as [`decode`]
+    /// returns them). Decodes the `changed` keys, the keys of earlier calls
+    /// not yet [`PolicyDecoder::applied`], and any key whose presence
+    /// differs from the last call, so a full snapshot with an incomplete
+    /// `changed` list is still read right. Fails, keeping everything as it
+    /// was, if any of them does not decode.
+    pub fn update(
+        &mut self,
+        state: &BTreeMap<String, prost_types::Any>,
+        changed: &[String],
+    ) -> Result<BTreeMap<u32, pb::IdentityPolicy>, String> {
+        self.pending.extend(
+            changed
+                .iter()
+                .filter(|k| k.starts_with(POLICY_PREFIX))
+                .cloned(),
+        );
+        let appeared = state
+            .keys()
+            .filter(|k| k.starts_with(POLICY_PREFIX) && !self.decoded.contains_key(*k));
+        let vanished = self.decoded.keys().filter(|k| !state.contains_key(*k));
+        let todo: BTreeSet<&String> = self
+            .pending
+            .iter()
+            .chain(appeared)
+            .chain(vanished)
+            .collect();
+        // Decode everything first: bad input changes nothing.
+        let mut updates = Vec::with_capacity(todo.len());
+        for key in todo {
+            let value = state.get(key).map(|v| decode_one(key, v)).transpose()?;
+            updates.push((key.clone(), value));
+        }
+        for (key, value) in updates {
+            match value {
+                Some(p) => self.decoded.insert(key, p),
+                None => self.decoded.remove(&key),
+            };
+        }
+        Ok(self
+            .decoded
+            .values()
+            .map(|p| (p.identity, p.clone()))
+            .collect())
+    }
+
+    /// The policies of the last [`PolicyDecoder::update`] are in the datapath.
+    pub fn applied(&mut self) {
+        self.pending.clear();
+    }
 }
 
 #[cfg(test)]
@@ -297,9 +423,9 @@ mod tests {
                 ),
             ],
         };
-        let (added, removed) = st.set_policies([(300, p)].into_iter().collect());
-        assert_eq!(added.len(), 4);
-        assert!(removed.is_empty());
+        let change = st.set_policies([(300, p)].into_iter().collect());
+        assert_eq!(change.cidr_added.len(), 4);
+        assert!(change.cidr_removed.is_empty());
         let id = |n: &str| st.cidr_identities()[&n.parse::<Ipv4Net>().expect("net")];
         let (slash24, slash32, allowed, excepted) = (
             id("192.0.2.0/24"),
@@ -325,8 +451,9 @@ mod tests {
         assert_eq!(st.flags_for(300), EndpointInfo::INGRESS_ENFORCED);
         assert_eq!(st.flags_for(301), 0);
         // Dropping the policy frees its CIDR identities.
-        let (_, removed) = st.set_policies(BTreeMap::new());
-        assert_eq!(removed.len(), 4);
+        let change = st.set_policies(BTreeMap::new());
+        assert_eq!(change.cidr_removed.len(), 4);
+        assert!(st.entries_for(7, 300).is_empty());
     }
 
     #[test]
@@ -383,18 +510,202 @@ mod tests {
             .collect();
         assert!(denied.contains(&2) && denied.contains(&CIDR_BASE));
     }
+
+    /// A policy of `identity` allowing TCP from `peer` on each of `ports`.
+    fn allow_from(identity: u32, peer: u32, ports: &[u32]) -> pb::IdentityPolicy {
+        pb::IdentityPolicy {
+            identity,
+            ingress_enforced: true,
+            egress_enforced: false,
+            rules: ports
+                .iter()
+                .map(|&port| {
+                    rule(
+                        pb::Direction::Ingress,
+                        pb::Verdict::Allow,
+                        pb::resolved_rule::Peer::Identities(pb::IdentitySet { ids: vec![peer] }),
+                        vec![pb::PortRange {
+                            protocol: pb::Protocol::Tcp as i32,
+                            lo: port,
+                            hi: port,
+                        }],
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    fn policies(ps: &[pb::IdentityPolicy]) -> BTreeMap<u32, pb::IdentityPolicy> {
+        ps.iter().map(|p| (p.identity, p.clone())).collect()
+    }
+
+    #[test]
+    fn changing_one_identitys_policy_reaches_only_that_identitys_endpoints() {
+        let mut st = PolicyState::default();
+        let first = st.set_policies(policies(&[
+            allow_from(300, 400, &[80]),
+            allow_from(301, 400, &[80]),
+        ]));
+        assert_eq!(first.identities, [300, 301].into_iter().collect());
+
+        let change = st.set_policies(policies(&[
+            allow_from(300, 400, &[80, 443]),
+            allow_from(301, 400, &[80]),
+        ]));
+        assert_eq!(change.identities, [300].into_iter().collect());
+        // Endpoints 1 and 2 are of identity 300, 3 of 301, 4 has no policy.
+        let endpoints = [(1, 300), (2, 300), (3, 301), (4, 302)];
+        let reached: Vec<u32> = endpoints
+            .iter()
+            .filter(|(_, identity)| change.reaches(*identity))
+            .map(|(id, _)| *id)
+            .collect();
+        assert_eq!(reached, [1, 2]);
+        assert_eq!(st.entries_for(2, 300).len(), 2);
+        assert!(st.entries_for(2, 300).iter().all(|e| e.endpoint_id == 2));
+        assert_eq!(st.entries_for(3, 301).len(), 1);
+    }
+
+    #[test]
+    fn the_same_policies_again_change_nothing() {
+        let mut st = PolicyState::default();
+        let all = policies(&[allow_from(300, 400, &[80]), allow_from(301, 2, &[53])]);
+        st.set_policies(all.clone());
+        let entries = st.entries_for(1, 300);
+        assert_eq!(st.set_policies(all), PolicyChange::default());
+        assert_eq!(st.entries_for(1, 300), entries, "rule ids are kept");
+    }
+
+    #[test]
+    fn dropping_a_policy_or_only_its_enforcement_reaches_its_endpoints() {
+        let mut st = PolicyState::default();
+        st.set_policies(policies(&[
+            allow_from(300, 400, &[80]),
+            allow_from(301, 400, &[80]),
+        ]));
+        let mut relaxed = allow_from(301, 400, &[80]);
+        relaxed.ingress_enforced = false;
+        let change = st.set_policies(policies(&[relaxed]));
+        assert_eq!(change.identities, [300, 301].into_iter().collect());
+        assert!(st.entries_for(1, 300).is_empty());
+        assert_eq!(st.flags_for(300), 0);
+        assert_eq!(st.flags_for(301), 0);
+    }
+
+    #[test]
+    fn a_new_cidr_identity_reaches_the_policies_naming_world_and_no_other() {
+        let mut st = PolicyState::default();
+        let world = allow_from(300, WORLD, &[80]);
+        let pods = allow_from(301, 400, &[80]);
+        st.set_policies(policies(&[world.clone(), pods.clone()]));
+        let cidr = pb::IdentityPolicy {
+            identity: 302,
+            ingress_enforced: false,
+            egress_enforced: true,
+            rules: vec![rule(
+                pb::Direction::Egress,
+                pb::Verdict::Allow,
+                cidr("192.0.2.0/24", &[]),
+                vec![],
+            )],
+        };
+        let change = st.set_policies(policies(&[world, pods, cidr]));
+        assert_eq!(
+            change.cidr_added,
+            [("192.0.2.0/24".parse().expect("net"), CIDR_BASE)]
+        );
+        // 300's world now covers the CIDR identity too; 301 does not change.
+        assert_eq!(change.identities, [300, 302].into_iter().collect());
+        assert!(
+            st.entries_for(1, 300)
+                .iter()
+                .any(|e| e.peer_identity == Some(CIDR_BASE))
+        );
+    }
+
+    fn resource(p: &pb::IdentityPolicy) -> (String, prost_types::Any) {
+        let any = prost_types::Any::from_msg(p).expect("encode");
+        (format!("policy/{}", p.identity), any)
+    }
+
+    fn garbage() -> prost_types::Any {
+        prost_types::Any {
+            type_url: "type.googleapis.com/membrane.policy.v1.IdentityPolicy".into(),
+            value: vec![0xff; 3],
+        }
+    }
+
+    #[test]
+    fn the_decoder_reads_a_full_snapshot_like_decode_does() {
+        let state: BTreeMap<String, prost_types::Any> = [
+            resource(&allow_from(300, 400, &[80])),
+            resource(&allow_from(301, 400, &[443])),
+        ]
+        .into_iter()
+        .collect();
+        let mut d = PolicyDecoder::default();
+        // No changed keys at all: keys the decoder has not seen are decoded anyway.
+        assert_eq!(d.update(&state, &[]), decode(&state));
+        d.applied();
+        let fewer: BTreeMap<_, _> = [resource(&allow_from(301, 400, &[443]))]
+            .into_iter()
+            .collect();
+        assert_eq!(
+            d.update(&fewer, &[]),
+            decode(&fewer),
+            "a vanished key is dropped"
+        );
+    }
+
+    #[test]
+    fn the_decoder_decodes_only_changed_keys_and_bad_input_changes_nothing() {
+        let (k300, v300) = resource(&allow_from(300, 400, &[80]));
+        let (k301, v301) = resource(&allow_from(301, 400, &[443]));
+        let mut d = PolicyDecoder::default();
+        let state: BTreeMap<_, _> = [(k300.clone(), v300), (k301.clone(), v301.clone())].into();
+        let before = d
+            .update(&state, &[k300.clone(), k301.clone()])
+            .expect("decodes");
+        d.applied();
+
+        // 301 changed; 300's bytes are not looked at again (here: unreadable).
+        let (_, v301b) = resource(&allow_from(301, 400, &[8443]));
+        let next: BTreeMap<_, _> = [(k300.clone(), garbage()), (k301.clone(), v301b)].into();
+        let got = d
+            .update(&next, std::slice::from_ref(&k301))
+            .expect("decodes");
+        assert_eq!(got[&300], before[&300]);
+        assert_eq!(got[&301].rules[0].ports[0].lo, 8443);
+        d.applied();
+
+        // A bad changed resource fails the update; its retry (which names
+        // no changed keys) fails too, until the resource is fixed.
+        let bad: BTreeMap<_, _> = [(k300.clone(), garbage()), (k301.clone(), v301)].into();
+        assert!(d.update(&bad, &[k300.clone(), k301.clone()]).is_err());
+        assert!(d.update(&bad, &[]).is_err(), "the retry decodes them again");
+        let (_, v300b) = resource(&allow_from(300, 400, &[81]));
+        let fixed: BTreeMap<_, _> =
+            [(k300.clone(), v300b), (k301.clone(), next[&k301].clone())].into();
+        let got = d.update(&fixed, &[]).expect("decodes");
+        assert_eq!(got[&300].rules[0].ports[0].lo, 81);
+        assert_eq!(got[&301].rules[0].ports[0].lo, 8443);
+    }
 }
 
 /// Applies the policy service's stream to every local endpoint.
 #[derive(Debug)]
 pub struct PolicySink {
     endpoints: std::sync::Arc<crate::endpoints::EndpointManager>,
+    decoder: PolicyDecoder,
 }
 
 impl PolicySink {
     /// Programs the endpoints of `endpoints`.
     pub fn new(endpoints: std::sync::Arc<crate::endpoints::EndpointManager>) -> Self {
-        Self { endpoints }
+        Self {
+            endpoints,
+            decoder: PolicyDecoder::default(),
+        }
     }
 }
 
@@ -403,16 +714,17 @@ impl membrane_runtime::stream::StateSink for PolicySink {
         &mut self,
         version: u64,
         state: &BTreeMap<String, prost_types::Any>,
-        _changed: &[String],
+        changed: &[String],
     ) -> Result<(), String> {
-        // Decode everything first: bad input changes nothing.
-        let policies = decode(state)?;
+        let policies = self.decoder.update(state, changed)?;
         let n = policies.len();
-        self.endpoints
+        let reprogrammed = self
+            .endpoints
             .apply_policies(policies)
             .await
             .map_err(|e| e.to_string())?;
-        tracing::info!(version, identities = n, "policy applied");
+        self.decoder.applied();
+        tracing::info!(version, identities = n, reprogrammed, "policy applied");
         Ok(())
     }
 }

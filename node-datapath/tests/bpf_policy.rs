@@ -1274,6 +1274,75 @@ fn replacing_a_policy_removes_stale_entries_and_leaves_other_endpoints_alone() {
     assert!(f.dp.policy_entries(EP_B).expect("entries").is_empty());
 }
 
+/// `n` single-port TCP allows from B for endpoint A, one rule each (as a
+/// policy with `n` rules resolves), starting at `first_port`.
+fn port_allows(n: u16, first_port: u16) -> Vec<PolicyEntry> {
+    (0..n)
+        .map(|i| {
+            rule(
+                EP_A,
+                Direction::Ingress,
+                Some(ID_B),
+                Some(TCP),
+                PortMatch::Range(first_port + i, first_port + i),
+                Verdict::Allow,
+                u32::from(i) + 1,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn an_unchanged_policy_is_not_written_again_and_a_changed_one_writes_only_its_difference() {
+    if !privileged(
+        "an_unchanged_policy_is_not_written_again_and_a_changed_one_writes_only_its_difference",
+    ) {
+        return;
+    }
+    let mut f = setup();
+    let rules = port_allows(100, 10_000);
+    let first = f.dp.replace_endpoint_policy(EP_A, &rules).expect("replace");
+    assert_eq!((first.written, first.deleted), (100, 0));
+    let again = f.dp.replace_endpoint_policy(EP_A, &rules).expect("replace");
+    assert_eq!((again.written, again.deleted), (0, 0));
+
+    // Rule 1 moves from port 10000 to 20000; the other 99 stay.
+    let mut moved = rules.clone();
+    moved[0].ports = PortMatch::Range(20_000, 20_000);
+    let update = f.dp.replace_endpoint_policy(EP_A, &moved).expect("replace");
+    assert_eq!((update.written, update.deleted), (1, 1));
+    let mut in_kernel = f.dp.policy_entries(EP_A).expect("entries");
+    in_kernel.sort();
+    moved.sort();
+    assert_eq!(in_kernel, moved, "the kernel holds exactly the new policy");
+}
+
+#[test]
+fn a_new_datapath_on_the_same_pins_reads_what_the_previous_one_left_and_cleans_it() {
+    if !privileged("a_new_datapath_on_the_same_pins_reads_what_the_previous_one_left_and_cleans_it")
+    {
+        return;
+    }
+    let f = setup();
+    let Fixture {
+        _pins: pins, dp, ..
+    } = f;
+    let mut previous = dp;
+    previous
+        .replace_endpoint_policy(EP_A, &port_allows(10, 10_000))
+        .expect("replace");
+    drop(previous);
+
+    let mut next =
+        Datapath::load_with_policy(pins.path(), &ALL_ON, PolicyMode::Enforced).expect("reload");
+    // The same first 5 rules: only the 5 others are stale.
+    let update = next
+        .replace_endpoint_policy(EP_A, &port_allows(5, 10_000))
+        .expect("replace");
+    assert_eq!((update.written, update.deleted), (0, 5));
+    assert_eq!(next.policy_entries(EP_A).expect("entries").len(), 5);
+}
+
 #[test]
 fn a_packet_host_delivered_with_redirect_neigh_is_not_judged_again_by_to_container() {
     if !privileged(

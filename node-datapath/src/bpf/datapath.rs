@@ -3,7 +3,7 @@
 //! tcx links.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     fs, io,
     net::Ipv4Addr,
     ops::RangeInclusive,
@@ -39,7 +39,7 @@ use super::{
     events::EventReader,
     features::Features,
     objects,
-    policy::{self, MapKey, MapValue, PolicyEntry},
+    policy::{self, MapKey, MapValue, PolicyDiff, PolicyEntry, PolicyUpdate},
     types::{
         Counter, CtEntry, Direction, DropReason, EndpointInfo, Flow, MacAddr, Metrics, TcVerdict,
         XdpAction, XdpMode,
@@ -153,6 +153,13 @@ pub struct Datapath {
     events: Option<RingBuf<MapData>>,
     ipcache: LpmTrie<MapData, [u8; 4], IpcacheValueRaw>,
     policy: LpmTrie<MapData, PolicyKeyData, PolicyValueRaw>,
+    /// The policy map's entries per endpoint, as this datapath last wrote
+    /// them. Read from the kernel once, at the first policy change after the
+    /// load (so a previous agent's entries are known and their stale ones
+    /// deleted); from then on kept in step with every write, because walking
+    /// the whole trie to find one endpoint's entries costs ~1 µs per entry
+    /// of *every* endpoint. Sound because this is the map's only writer.
+    programmed_policy: Option<BTreeMap<u32, BTreeMap<MapKey, MapValue>>>,
     ep_drops: PerCpuHashMap<MapData, EpDropKeyRaw, MetricValueRaw>,
 }
 
@@ -298,6 +305,7 @@ impl Datapath {
             events: Some(events),
             ipcache,
             policy,
+            programmed_policy: None,
             ep_drops,
         })
     }
@@ -640,26 +648,34 @@ impl Datapath {
     }
 
     /// Replaces the whole policy of `endpoint_id` (both directions) with
-    /// `entries`, which must all name that endpoint.
+    /// `entries`, which must all name that endpoint; returns how many map
+    /// entries it wrote and deleted (none when nothing changed).
     ///
     /// The entries are resolved into map entries (see `policy.rs`: deny wins
-    /// within each (peer, protocol) group, port ranges become prefixes), the
-    /// new and changed map entries are written, then the endpoint's stale
-    /// ones are deleted. In between (one map update per entry), a packet may
-    /// be judged by a mix of old and new entries: per group it gets either
-    /// the old or the new verdict for its port, and an old allow that the
-    /// new policy drops keeps working until its entry is deleted. Writing
-    /// first means a port allowed by both policies is never dropped on the way.
+    /// within each (peer, protocol) group, port ranges become prefixes) and
+    /// compared with what this datapath programmed for the endpoint (read
+    /// from the kernel once, then kept in memory): new and changed map
+    /// entries are written, then the endpoint's stale ones are deleted. In
+    /// between (one map update per entry), a packet may be judged by a mix
+    /// of old and new entries: per group it gets either the old or the new
+    /// verdict for its port, and an old allow that the new policy drops
+    /// keeps working until its entry is deleted. Writing first means a port
+    /// allowed by both policies is never dropped on the way. A failed write
+    /// leaves the record matching the kernel, so the next call repairs it.
     pub fn replace_endpoint_policy(
         &mut self,
         endpoint_id: u32,
         entries: &[PolicyEntry],
-    ) -> Result<(), Error> {
+    ) -> Result<PolicyUpdate, Error> {
         let desired = policy::encode(endpoint_id, entries).map_err(|source| Error::Policy {
             endpoint_id,
             source,
         })?;
-        let current = self.policy_map_entries(endpoint_id)?;
+        if self.programmed_policy.is_none() {
+            self.programmed_policy = Some(self.policy_map_walk(None, endpoint_id)?);
+        }
+        let programmed = self.programmed_policy.get_or_insert_default();
+        let current = programmed.entry(endpoint_id).or_default();
         let map_err = |op| {
             move |e| Error::PolicyMap {
                 op,
@@ -667,26 +683,31 @@ impl Datapath {
                 source: Box::new(e),
             }
         };
-        for (key, value) in &desired {
-            if current.get(key) == Some(value) {
-                continue;
+        let PolicyDiff { writes, deletes } = policy::diff(current, &desired);
+        let mut update = PolicyUpdate::default();
+        let result = (|| {
+            for (key, value) in writes {
+                self.policy
+                    .insert(&policy_key(&key), value.to_raw(), 0)
+                    .map_err(map_err("write"))?;
+                current.insert(key, value);
+                update.written += 1;
             }
-            self.policy
-                .insert(&policy_key(key), value.to_raw(), 0)
-                .map_err(map_err("write"))?;
-        }
-        let stale: BTreeSet<&MapKey> = current
-            .keys()
-            .filter(|k| !desired.contains_key(k))
-            .collect();
-        for key in stale {
-            match self.policy.remove(&policy_key(key)) {
-                Ok(()) => {}
-                Err(e) if map_not_found(&e) => {}
-                Err(e) => return Err(map_err("delete stale")(e)),
+            for key in deletes {
+                match self.policy.remove(&policy_key(&key)) {
+                    Ok(()) => {}
+                    Err(e) if map_not_found(&e) => {}
+                    Err(e) => return Err(map_err("delete stale")(e)),
+                }
+                current.remove(&key);
+                update.deleted += 1;
             }
+            Ok(())
+        })();
+        if current.is_empty() {
+            programmed.remove(&endpoint_id);
         }
-        Ok(())
+        result.map(|()| update)
     }
 
     /// The policy map's entries for `endpoint_id`, decoded: one
@@ -847,10 +868,24 @@ impl Datapath {
         Ok((output, result.duration))
     }
 
-    /// The endpoint's policy map entries, keyed as `policy.rs` encodes them.
-    /// Entries this build cannot decode (none are written) are skipped.
+    /// The endpoint's policy map entries, keyed as `policy.rs` encodes them,
+    /// read from the kernel (one walk of the whole map).
     fn policy_map_entries(&self, endpoint_id: u32) -> Result<BTreeMap<MapKey, MapValue>, Error> {
-        let mut out = BTreeMap::new();
+        Ok(self
+            .policy_map_walk(Some(endpoint_id), endpoint_id)?
+            .remove(&endpoint_id)
+            .unwrap_or_default())
+    }
+
+    /// One walk of the policy map, grouped by endpoint (only `only`'s when
+    /// given); errors name `endpoint_id`, the endpoint the walk is for.
+    /// Entries this build cannot decode (none are written) are skipped.
+    fn policy_map_walk(
+        &self,
+        only: Option<u32>,
+        endpoint_id: u32,
+    ) -> Result<BTreeMap<u32, BTreeMap<MapKey, MapValue>>, Error> {
+        let mut out: BTreeMap<u32, BTreeMap<MapKey, MapValue>> = BTreeMap::new();
         for item in self.policy.iter() {
             let (key, value) = match item {
                 Ok(kv) => kv,
@@ -865,14 +900,14 @@ impl Datapath {
                 }
             };
             let data = key.data();
-            if data.endpoint_id != endpoint_id {
+            if only.is_some_and(|id| id != data.endpoint_id) {
                 continue;
             }
             if let (Some(k), Some(v)) = (
                 MapKey::from_raw(key.prefix_len(), data),
                 MapValue::from_raw(value),
             ) {
-                out.insert(k, v);
+                out.entry(k.endpoint_id).or_default().insert(k, v);
             }
         }
         Ok(out)

@@ -52,7 +52,7 @@ pub use datapath::{
 pub use error::{AttachError, Error};
 pub use events::{AsyncEventReader, EventReader};
 pub use features::{Features, probe_features};
-pub use policy::{PolicyEntry, PolicyError, PortMatch, Verdict, identity};
+pub use policy::{PolicyEntry, PolicyError, PolicyUpdate, PortMatch, Verdict, identity};
 pub use sock::{
     LbAlgorithm, LbBackend, LbFrontend, LbProtocol, LbService, MAX_TABLE_SLOTS,
     SOCK_LB_LAYOUT_VERSION, ServiceIds, SockLb, SockLbError, TableBatching,

@@ -158,6 +158,45 @@ pub(crate) fn encode(
     Ok(out)
 }
 
+/// How many map entries one [`super::Datapath::replace_endpoint_policy`] touched.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyUpdate {
+    /// New or changed entries written.
+    pub written: usize,
+    /// Stale entries deleted.
+    pub deleted: usize,
+}
+
+/// What turns an endpoint's programmed entries into the desired ones.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct PolicyDiff {
+    /// New or changed entries, to write first (so a port both policies
+    /// allow is never dropped on the way).
+    pub writes: Vec<(MapKey, MapValue)>,
+    /// Keys only the programmed entries have, to delete afterwards.
+    pub deletes: Vec<MapKey>,
+}
+
+/// The writes and deletes from `current` to `desired`: entries equal in
+/// both are left alone, so an unchanged policy costs no map operation.
+pub(crate) fn diff(
+    current: &BTreeMap<MapKey, MapValue>,
+    desired: &BTreeMap<MapKey, MapValue>,
+) -> PolicyDiff {
+    PolicyDiff {
+        writes: desired
+            .iter()
+            .filter(|(k, v)| current.get(k) != Some(v))
+            .map(|(k, v)| (*k, *v))
+            .collect(),
+        deletes: current
+            .keys()
+            .filter(|k| !desired.contains_key(k))
+            .copied()
+            .collect(),
+    }
+}
+
 /// `(peer, proto, lo, hi)` in map terms, or why the rule cannot be stored.
 fn validate(endpoint_id: u32, e: &PolicyEntry) -> Result<(u32, u8, u16, u16), PolicyError> {
     let rule_id = e.rule_id;
@@ -509,6 +548,48 @@ mod tests {
             assert_eq!(back, *k);
             assert_eq!(MapValue::from_raw(v.to_raw()), Some(*v));
         }
+    }
+
+    #[test]
+    fn an_unchanged_policy_diffs_to_nothing_and_a_moved_port_to_one_write_and_one_delete() {
+        let before: Vec<PolicyEntry> = (0..100)
+            .map(|i| {
+                // One rule per port, as a policy's rules are: one entry each.
+                let port = 1000 + i;
+                rule(
+                    Verdict::Allow,
+                    PortMatch::Range(port, port),
+                    u32::from(port),
+                )
+            })
+            .collect();
+        let programmed = encode(7, &before).expect("encode");
+        assert_eq!(diff(&programmed, &programmed), PolicyDiff::default());
+
+        let mut after = before.clone();
+        after[0].ports = PortMatch::Range(2000, 2000);
+        let d = diff(&programmed, &encode(7, &after).expect("encode"));
+        assert_eq!(d.writes.len(), 1, "{d:?}");
+        assert_eq!(d.writes[0].0.port, 2000);
+        assert_eq!(d.deletes.len(), 1, "{d:?}");
+        assert_eq!(d.deletes[0].port, 1000);
+    }
+
+    #[test]
+    fn a_changed_rule_id_or_verdict_is_rewritten_in_place_without_a_delete() {
+        let programmed =
+            encode(7, &[rule(Verdict::Allow, PortMatch::Range(80, 80), 1)]).expect("encode");
+        for changed in [
+            rule(Verdict::Allow, PortMatch::Range(80, 80), 2),
+            rule(Verdict::Deny, PortMatch::Range(80, 80), 1),
+        ] {
+            let d = diff(&programmed, &encode(7, &[changed]).expect("encode"));
+            assert_eq!(d.writes.len(), 1, "{changed:?}: {d:?}");
+            assert!(d.deletes.is_empty(), "{changed:?}: {d:?}");
+        }
+        let d = diff(&programmed, &BTreeMap::new());
+        assert!(d.writes.is_empty());
+        assert_eq!(d.deletes.len(), 1, "an emptied policy deletes everything");
     }
 
     #[test]
