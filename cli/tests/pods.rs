@@ -69,10 +69,10 @@ fn round_trips(netns: &str, ip: &str) -> Result<(), String> {
         for _ in 0..4 {
             udp.send_to(msg, SocketAddr::new(ip, UDP_PORT))
                 .map_err(|e| format!("udp send: {e}"))?;
-            if let Ok((n, _)) = udp.recv_from(&mut buf) {
-                if &buf[..n] == msg {
-                    return Ok(());
-                }
+            if let Ok((n, _)) = udp.recv_from(&mut buf)
+                && &buf[..n] == msg
+            {
+                return Ok(());
             }
         }
         Err(format!("no udp echo from {ip}"))

@@ -347,3 +347,47 @@ fn cilium_deny_policies_lockdown_cidr_precedence_network_policy_and_bad_files() 
         tcp_ok("pod-default-client", &server, 80, None, PROBE)
     });
 }
+
+#[test]
+fn a_restarted_node_keeps_enforcing_policy_while_the_policy_service_is_away() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !has_root() {
+        return;
+    }
+    let cluster = Cluster::new();
+    assert!(
+        cluster.has("membrane-policy"),
+        "this test needs the policy service"
+    );
+    cluster.ok(&["up", "--nodes", "2", "--detach"]);
+    cluster.ok(&["pod", "run", "server", "--node", "node-1", "--labels", "app=server"]);
+    cluster.ok(&["pod", "run", "client", "--node", "node-2", "--labels", "app=client"]);
+    let server = pod_ip(&cluster, "server", "default");
+    echo_servers_on("pod-default-server", &[80], &[]);
+    let dir = tempfile::tempdir().expect("tmp");
+    let deny = write(dir.path(), "deny.yaml", DENY_L3);
+    let reach = || tcp_ok("pod-default-client", &server, 80, None, PROBE);
+    eventually("no policy", true, reach);
+    cluster.ok(&["apply", "-f", &deny]);
+    eventually("deny client", false, reach);
+
+    // The policy service goes away, then node-1's agent restarts: it must
+    // not open what the policy closed while it cannot learn the policy.
+    let policy_pid = cluster.pid("policy");
+    let killed = Command::new("kill")
+        .args(["-9", &policy_pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    cluster.ok(&["restart", "node-1"]);
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        assert!(!reach(), "node-1 restarted without the policy service and let the client in");
+    }
+
+    // Back with the policy service: still denied, and a change is followed.
+    cluster.ok(&["restart", "policy"]);
+    eventually("deny after the policy service is back", false, reach);
+    cluster.ok(&["delete", "-f", &deny]);
+    eventually("policy deleted", true, reach);
+}

@@ -288,6 +288,9 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
         ipam::ipam_client::IpamClient::new(ipam_channel.clone()),
         identity.as_ref().map(|(c, _)| c.clone()),
     )?);
+    if args.policy_endpoint.is_some() {
+        endpoints.expect_policy();
+    }
     let adopted = endpoints.restore().await?;
     tracing::info!(adopted, "endpoints restored");
 

@@ -168,6 +168,11 @@ pub struct EndpointManager {
     /// Set when a policy apply failed part-way: the next one reprograms
     /// every endpoint and rewrites every CIDR identity, not only what it changed.
     policy_resync: std::sync::atomic::AtomicBool,
+    /// Set while a policy service is configured and its first state has
+    /// not been applied yet (agent start): endpoints keep the policy
+    /// entries and enforcement the maps hold, so a restarting agent does
+    /// not open what a policy closed until it knows the policy.
+    policy_pending: std::sync::atomic::AtomicBool,
     /// Serializes add/del: they read and write records and the id space.
     lock: tokio::sync::Mutex<()>,
 }
@@ -227,8 +232,18 @@ impl EndpointManager {
             identity,
             policy: Mutex::new(PolicyState::default()),
             policy_resync: std::sync::atomic::AtomicBool::new(false),
+            policy_pending: std::sync::atomic::AtomicBool::new(false),
             lock: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// Declares that policy comes from a policy service: until its first
+    /// state is applied, endpoints keep what the maps hold (see
+    /// `policy_pending`), and that first apply reprograms every endpoint.
+    pub fn expect_policy(&self) {
+        use std::sync::atomic::Ordering;
+        self.policy_pending.store(true, Ordering::SeqCst);
+        self.policy_resync.store(true, Ordering::SeqCst);
     }
 
     /// The node's name.
@@ -545,6 +560,12 @@ impl EndpointManager {
     /// Writes the endpoint's policy entries, then its map entry with the
     /// enforcement flags: the entry never points at a policy not yet written.
     fn reprogram(&self, r: &EndpointRecord) -> Result<(), EndpointError> {
+        if self
+            .policy_pending
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return self.reprogram_keeping_policy(r);
+        }
         let st = self.policy.lock().unwrap_or_else(|p| p.into_inner());
         let mut info = endpoint_info(r)?;
         info.flags = st.flags_for(r.identity);
@@ -552,6 +573,21 @@ impl EndpointManager {
         let mut dp = self.datapath();
         dp.replace_endpoint_policy(r.id, &entries)
             .map_err(|e| EndpointError::Datapath(anyhow::Error::new(e)))?;
+        dp.upsert_endpoint(r.ip, &info)?;
+        Ok(())
+    }
+
+    /// Before the policy is known: the endpoint's map entry with the
+    /// enforcement flags it already has (none for a new endpoint), its
+    /// policy entries untouched.
+    fn reprogram_keeping_policy(&self, r: &EndpointRecord) -> Result<(), EndpointError> {
+        let mut info = endpoint_info(r)?;
+        let mut dp = self.datapath();
+        info.flags = dp
+            .endpoint(r.ip)
+            .map_err(|e| EndpointError::Datapath(anyhow::Error::new(e)))?
+            .map(|old| old.flags)
+            .unwrap_or(0);
         dp.upsert_endpoint(r.ip, &info)?;
         Ok(())
     }
@@ -599,6 +635,7 @@ impl EndpointManager {
             }
         }
         self.policy_resync.store(false, Ordering::SeqCst);
+        self.policy_pending.store(false, Ordering::SeqCst);
         Ok(reprogrammed)
     }
 

@@ -25,10 +25,13 @@ fn upsert(key: &str, scope: Scope, v: &str) -> Change {
     }
 }
 
+/// Every (version, state) a sink was asked to apply.
+type Applied = Arc<Mutex<Vec<(u64, BTreeMap<String, Any>)>>>;
+
 /// Records every state it was asked to apply; can be told to refuse.
 #[derive(Clone, Default)]
 struct Recorder {
-    applied: Arc<Mutex<Vec<(u64, BTreeMap<String, Any>)>>>,
+    applied: Applied,
     refuse: Arc<Mutex<Option<String>>>,
 }
 

@@ -545,6 +545,18 @@ impl Datapath {
         }
     }
 
+    /// The endpoint entry of `ip`, if any.
+    pub fn endpoint(&self, ip: Ipv4Addr) -> Result<Option<EndpointInfo>, Error> {
+        match self.endpoints.get(&ip.octets(), 0) {
+            Ok(info) => Ok(Some(EndpointInfo::from(info))),
+            Err(e) if map_not_found(&e) => Ok(None),
+            Err(e) => Err(Error::ReadMap {
+                map: MAP_ENDPOINTS,
+                source: Box::new(e),
+            }),
+        }
+    }
+
     /// Every endpoint in the map, sorted by IP.
     pub fn endpoints(&self) -> Result<Vec<(Ipv4Addr, EndpointInfo)>, Error> {
         let mut out = Vec::new();
