@@ -634,8 +634,11 @@ fn a_load_balancer_address_is_announced_and_either_node_sends_a_client_flow_to_t
     let svc = dir.path().join("svc.yaml");
     std::fs::write(&svc, "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  type: LoadBalancer\n  selector: {app: web}\n  ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP}]\n").expect("write");
     cluster.ok(&["apply", "-f", svc.to_str().expect("path")]);
-    let (lb_ip, announcer) = load_balancer(&cluster);
+    // Once both nodes follow the lb stream (the announcer is chosen among
+    // the subscribed nodes, so it can move while they connect).
+    load_balancer(&cluster);
     wait_programmed(&cluster);
+    let (lb_ip, announcer) = load_balancer(&cluster);
 
     // Announced: `external` has no route but its on-link /24, so it asks
     // for the address by ARP, and the announcing node answers.

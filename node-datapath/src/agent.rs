@@ -391,6 +391,11 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
                 .unwrap_or_else(|p| p.into_inner())
                 .l2_announcer()
                 .context("open the announced-address map")?;
+            // Service addresses get local routes (`routes::service_routes`):
+            // the kernel must not answer ARP for them; the announcing
+            // node's datapath does.
+            crate::routes::service_routes::quiet_arp(&args.underlay_dev)
+                .with_context(|| format!("set arp_ignore on `{}`", args.underlay_dev))?;
             let sink =
                 crate::lb::LbSink::new(args.node_name.clone(), crate::lb::NodeLbMaps { sock, l2 });
             lb_view = Some(sink.view());
