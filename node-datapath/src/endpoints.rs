@@ -627,6 +627,8 @@ impl EndpointManager {
                 dp.remove_ipcache(*net)?;
             }
         }
+        // The policy is known from here on: reprogram from it.
+        self.policy_pending.store(false, Ordering::SeqCst);
         let mut reprogrammed = 0;
         for r in self.records() {
             if resync || change.reaches(r.identity) {
@@ -635,7 +637,6 @@ impl EndpointManager {
             }
         }
         self.policy_resync.store(false, Ordering::SeqCst);
-        self.policy_pending.store(false, Ordering::SeqCst);
         Ok(reprogrammed)
     }
 
