@@ -48,6 +48,12 @@ int from_container(struct __sk_buff *ctx)
 	/* A pod sending truncated IPv4 is broken or hostile: drop and say so. */
 	if (ret != PARSE_OK)
 		return drop_packet(ctx, OBS_LXC, DROP_INVALID, NULL);
+	/* Anti-spoofing: the source must be the pod behind this veth. */
+	if (verify_source()) {
+		src_ep = lookup_endpoint(p.tuple.saddr);
+		if (!src_ep || src_ep->ifindex != ctx->ifindex)
+			return drop_packet(ctx, OBS_LXC, DROP_INVALID_SOURCE, &p);
+	}
 
 	p.tuple.dir = CT_EGRESS;
 	e = ct_lookup(&p.tuple, &status);

@@ -103,6 +103,15 @@ pub struct Args {
     /// [`Xdp::Auto`]); `off`: tc handles everything.
     #[arg(long, env = "MEMBRANE_XDP", value_enum, default_value = "auto")]
     pub xdp: Xdp,
+    /// Drop packets a pod sends from an address that is not its own
+    /// (anti-spoofing; reason `INVALID_SOURCE_IP`).
+    #[arg(
+        long,
+        env = "MEMBRANE_SOURCE_IP_VERIFICATION",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub source_ip_verification: bool,
     /// Record flows from the datapath's events (off: the agent does not read
     /// them, for benchmarks; the datapath still emits them).
     #[arg(
@@ -228,8 +237,12 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
         (false, true) => "redirect_neigh",
         (false, false) => "stack",
     };
+    let load = bpf::LoadConfig {
+        verify_source: args.source_ip_verification,
+        ..bpf::LoadConfig::default()
+    };
     let mut datapath =
-        bpf::Datapath::load(&args.bpf_pin_dir, &opts).context("load eBPF datapath")?;
+        bpf::Datapath::load_with(&args.bpf_pin_dir, &opts, &load).context("load eBPF datapath")?;
     let underlay_ifindex = nix::net::if_::if_nametoindex(args.underlay_dev.as_str())
         .with_context(|| format!("underlay device `{}`", args.underlay_dev))?;
     let mode = datapath

@@ -23,8 +23,8 @@ use std::{
 
 use bpf_support::*;
 use membrane_node_datapath::bpf::{
-    AttachMode, Datapath, DatapathOptions, Direction, DropReason, EndpointInfo, Hook, PolicyEntry,
-    PortMatch, Verdict, identity, probe_features,
+    AttachMode, Datapath, DatapathOptions, Direction, DropReason, EndpointInfo, Hook, LoadConfig,
+    PolicyEntry, PortMatch, Verdict, identity, probe_features,
 };
 
 /// A flood runs at ~150k pings/s here and a reload takes ~0.3 s: this
@@ -71,9 +71,13 @@ impl Topology {
     /// Loads the datapath from `pins`, attaches it to both pods and programs
     /// the endpoints. Must run inside the node namespace.
     fn load(&self, pins: &PinDir) -> (Datapath, Vec<AttachMode>) {
+        self.load_with(pins, &LoadConfig::default())
+    }
+
+    fn load_with(&self, pins: &PinDir, config: &LoadConfig) -> (Datapath, Vec<AttachMode>) {
         let opts = DatapathOptions::from_features(&probe_features().expect("probe"));
         assert!(opts.redirect_peer, "this test needs bpf_redirect_peer");
-        let mut dp = Datapath::load(pins.path(), &opts).expect("load");
+        let mut dp = Datapath::load_with(pins.path(), &opts, config).expect("load");
         let modes = self
             .pods
             .iter()
@@ -568,5 +572,59 @@ fn policy_map_entries_alone_decide_which_pods_and_the_node_may_connect() {
             );
             assert!(dp.detach(Hook::Lxc, p.lxc_ifindex).expect("detach"));
         }
+    });
+}
+
+#[test]
+fn with_source_verification_a_pod_sending_from_another_address_is_dropped() {
+    if !privileged("with_source_verification_a_pod_sending_from_another_address_is_dropped") {
+        return;
+    }
+    let pins = PinDir::new();
+    let topo = Topology::new();
+    // Pod a also holds .12, no endpoint's address.
+    let a = &topo.pods[0].ns.name;
+    run_ns(a, &["ip", "addr", "add", "10.200.1.12/32", "dev", "eth0"]);
+    topo.node.run_in(|| {
+        let config = LoadConfig {
+            verify_source: true,
+            ..LoadConfig::default()
+        };
+        let (dp, _) = topo.load_with(&pins, &config);
+        let ping = |src: &str, dst: &str| {
+            let args = [
+                "ping", "-n", "-c", "2", "-i", "0.2", "-W", "1", "-I", src, dst,
+            ];
+            ping_counts(&in_ns(a, &args).output().expect("ping")).1
+        };
+        let spoofed = || {
+            dp.metrics()
+                .expect("metrics")
+                .drops
+                .get(&DropReason::InvalidSource)
+                .map(|c| c.packets)
+                .unwrap_or(0)
+        };
+        assert_eq!(
+            ping("10.200.1.10", "10.200.1.11"),
+            2,
+            "its own address passes"
+        );
+        assert_eq!(spoofed(), 0);
+        assert_eq!(
+            ping("10.200.1.12", "10.200.1.11"),
+            0,
+            "an address no endpoint has"
+        );
+        assert_eq!(spoofed(), 2);
+        // Pod b's own address, taken by pod a (on its loopback, towards an
+        // address that is nobody's so the packet leaves by eth0).
+        run_ns(a, &["ip", "addr", "add", "10.200.1.11/32", "dev", "lo"]);
+        assert_eq!(
+            ping("10.200.1.11", "10.200.1.99"),
+            0,
+            "pod b's address, from pod a"
+        );
+        assert_eq!(spoofed(), 4);
     });
 }

@@ -217,6 +217,7 @@ enum drop_reason {
 	DROP_POLICY_DENY = 5,   /* a deny entry matched */
 	DROP_POLICY_DEFAULT_DENY = 6, /* enforced direction, no entry allowed it */
 	DROP_NAT_NO_PORT = 7,   /* no free SNAT port towards a remote service backend */
+	DROP_INVALID_SOURCE = 8, /* a pod sent from an address that is not its own */
 	DROP_REASON_MAX = 15,
 };
 

@@ -31,4 +31,17 @@ static __always_inline int policy_enabled(void)
 	return CONFIG_POLICY_ENABLED != 0;
 }
 
+/*
+ * Source IP verification (anti-spoofing): a packet a pod sends must carry
+ * the pod's own address, i.e. the endpoint entry of its source names the
+ * veth it came in on. Off in the object (a program under test has no real
+ * veth); the agent turns it on (`--source-ip-verification`).
+ */
+volatile const __u32 CONFIG_VERIFY_SOURCE = 0;
+
+static __always_inline int verify_source(void)
+{
+	return CONFIG_VERIFY_SOURCE != 0;
+}
+
 #endif /* MEMBRANE_CONFIG_H */

@@ -81,6 +81,7 @@ pub(crate) const DROP_REWRITE_FAILED: u16 = 4;
 pub(crate) const DROP_POLICY_DENY: u16 = 5;
 pub(crate) const DROP_POLICY_DEFAULT_DENY: u16 = 6;
 pub(crate) const DROP_NAT_NO_PORT: u16 = 7;
+pub(crate) const DROP_INVALID_SOURCE: u16 = 8;
 pub(crate) const DROP_REASON_MAX: u16 = 15;
 
 pub(crate) const EVENT_TRACE_NEW_CONN: u8 = 1;
@@ -429,6 +430,7 @@ mod tests {
             ("DROP_TTL_EXCEEDED", u64::from(DROP_TTL_EXCEEDED)),
             ("DROP_REWRITE_FAILED", u64::from(DROP_REWRITE_FAILED)),
             ("DROP_NAT_NO_PORT", u64::from(DROP_NAT_NO_PORT)),
+            ("DROP_INVALID_SOURCE", u64::from(DROP_INVALID_SOURCE)),
             ("DROP_REASON_MAX", u64::from(DROP_REASON_MAX)),
             ("EVENT_TRACE_NEW_CONN", u64::from(EVENT_TRACE_NEW_CONN)),
             ("EVENT_DROP", u64::from(EVENT_DROP)),

@@ -89,6 +89,10 @@ pub struct LoadConfig {
     /// node is SNATed to when the client's own port is taken towards that
     /// backend (`bpf/lib/nodeport.h`). Default: 32768..=60999.
     pub snat_ports: RangeInclusive<u16>,
+    /// Drop what a pod sends from an address that is not its own
+    /// (`CONFIG_VERIFY_SOURCE`, bpf_lxc). Default off: a program under
+    /// BPF_PROG_TEST_RUN has no real veth; the agent turns it on.
+    pub verify_source: bool,
 }
 
 impl Default for LoadConfig {
@@ -96,6 +100,7 @@ impl Default for LoadConfig {
         Self {
             policy: PolicyMode::Enforced,
             snat_ports: 32768..=60999,
+            verify_source: false,
         }
     }
 }
@@ -279,6 +284,7 @@ impl Datapath {
             policy_enabled: u32::from(config.policy == PolicyMode::Enforced),
             snat_port_min: *config.snat_ports.start(),
             snat_port_max: *config.snat_ports.end(),
+            verify_source: u32::from(config.verify_source),
         };
         let mut lxc = load_object(&LXC, &map_dir, &lb_dir, &consts)?;
         let host = load_object(&HOST, &map_dir, &lb_dir, &consts)?;
@@ -1039,6 +1045,7 @@ struct Constants {
     policy_enabled: u32,
     snat_port_min: u16,
     snat_port_max: u16,
+    verify_source: u32,
 }
 
 fn load_object(
@@ -1057,6 +1064,7 @@ fn load_object(
         .override_global("CONFIG_POLICY_ENABLED", &consts.policy_enabled, true)
         .override_global("CONFIG_SNAT_PORT_MIN", &consts.snat_port_min, true)
         .override_global("CONFIG_SNAT_PORT_MAX", &consts.snat_port_max, true)
+        .override_global("CONFIG_VERIFY_SOURCE", &consts.verify_source, true)
         .load(object.bytes)
         .map_err(|e| Error::LoadObject {
             object: object.name,

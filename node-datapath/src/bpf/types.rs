@@ -100,6 +100,8 @@ pub enum DropReason {
     PolicyDefaultDeny,
     /// No free SNAT source port towards a remote service backend.
     NatNoPort,
+    /// A pod sent from an address that is not its own (anti-spoofing).
+    InvalidSource,
     /// A code this build does not know (a newer datapath).
     Other(u16),
 }
@@ -454,6 +456,7 @@ impl DropReason {
             abi::DROP_POLICY_DENY => Self::PolicyDeny,
             abi::DROP_POLICY_DEFAULT_DENY => Self::PolicyDefaultDeny,
             abi::DROP_NAT_NO_PORT => Self::NatNoPort,
+            abi::DROP_INVALID_SOURCE => Self::InvalidSource,
             other => Self::Other(other),
         }
     }

@@ -243,6 +243,7 @@ pub fn drop_reason_name(r: DropReason) -> String {
         DropReason::PolicyDeny => "POLICY_DENIED".into(),
         DropReason::PolicyDefaultDeny => "POLICY_DEFAULT_DENY".into(),
         DropReason::NatNoPort => "NO_MAPPING_FOR_NAT".into(),
+        DropReason::InvalidSource => "INVALID_SOURCE_IP".into(),
         DropReason::Other(code) => format!("UNKNOWN_{code}"),
     }
 }
@@ -585,6 +586,7 @@ mod tests {
             (DropReason::PolicyDeny, "POLICY_DENIED"),
             (DropReason::PolicyDefaultDeny, "POLICY_DEFAULT_DENY"),
             (DropReason::NatNoPort, "NO_MAPPING_FOR_NAT"),
+            (DropReason::InvalidSource, "INVALID_SOURCE_IP"),
             (DropReason::Other(77), "UNKNOWN_77"),
         ];
         for (r, name) in all {
