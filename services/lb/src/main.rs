@@ -97,6 +97,11 @@ async fn main() -> anyhow::Result<()> {
     let (changes_tx, changes) = tokio::sync::watch::channel(0);
     tokio::spawn(lb.clone().watch_changes(changes_tx));
     let publisher = Publisher::new();
+    // Nodes following this replica's stream, registered in etcd for every replica.
+    tokio::spawn(
+        lb.clone()
+            .register_nodes(addr.to_string(), publisher.connected_nodes()),
+    );
     membrane_runtime::metrics::register_publisher("lb", &publisher);
     let (published_tx, published) = tokio::sync::watch::channel(reconcile::Published::default());
     tokio::spawn(reconcile::run(

@@ -97,8 +97,8 @@ pub fn publish_diff(publisher: &Publisher, old: &States, new: &States) -> bool {
 }
 
 /// Runs the reconciler until both inputs close: `changes` ticks on every
-/// stored change, `pods` carries the current pods; the nodes subscribed to
-/// `publisher` decide who announces LoadBalancer and external addresses.
+/// stored change (node registrations included: they decide who announces
+/// LoadBalancer and external addresses), `pods` carries the current pods.
 pub async fn run(
     store: LbStore,
     publisher: Publisher,
@@ -106,16 +106,11 @@ pub async fn run(
     mut pods: watch::Receiver<Vec<Pod>>,
     published: watch::Sender<Published>,
 ) {
-    let mut nodes = publisher.connected_nodes();
     loop {
         changes.borrow_and_update();
         let current_pods = pods.borrow_and_update().clone();
-        let current_nodes = nodes.borrow_and_update().clone();
         match pass(&store, &current_pods).await {
-            Ok(mut new) => {
-                for st in new.values_mut() {
-                    model::assign_announcers(st, &current_nodes);
-                }
+            Ok(new) => {
                 published.send_modify(|p| {
                     if publish_diff(&publisher, &p.states, &new) {
                         let version = publisher.version();
@@ -139,8 +134,6 @@ pub async fn run(
         tokio::select! {
             r = changes.changed() => if r.is_err() && pods.has_changed().is_err() { return },
             r = pods.changed() => if r.is_err() && changes.has_changed().is_err() { return },
-            // The publisher lives as long as this task holds it.
-            _ = nodes.changed() => {}
         }
     }
 }
@@ -152,6 +145,10 @@ async fn pass(store: &LbStore, pods: &[Pod]) -> Result<States, crate::store::LbE
         store.ensure_backend_ids(&missing).await?;
         snap = store.snapshot().await?;
         states = desired(store, &snap, pods).0;
+    }
+    // Announcers from the nodes registered in etcd, identical on every replica.
+    for st in states.values_mut() {
+        model::assign_announcers(st, &snap.nodes);
     }
     Ok(states)
 }

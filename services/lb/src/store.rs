@@ -22,6 +22,9 @@ use serde::{Deserialize, Serialize};
 use crate::maglev::{Seed, TableSize};
 use crate::model::{self, Algorithm, EndpointSet, LbConfig, Service};
 
+/// Where nodes following a replica's stream are registered.
+const NODES_PREFIX: &str = "lb/nodes/";
+
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
 pub enum LbError {
@@ -82,6 +85,9 @@ pub struct Snapshot {
     pub sets: Vec<EndpointSet>,
     /// Backend ids.
     pub ids: BTreeMap<Ipv4Addr, u32>,
+    /// Nodes following some replica's stream (`lb/nodes/<node>/<replica>`,
+    /// bound to that replica's lease): every replica sees the same set.
+    pub nodes: BTreeSet<String>,
 }
 
 /// What applying one service did.
@@ -251,6 +257,11 @@ impl LbStore {
             } else if let Some(Ok(ip)) = rel.strip_prefix("lb/backend-ids/").map(str::parse) {
                 snap.ids
                     .insert(ip, serde_json::from_slice(kv.value()).map_err(corrupt)?);
+            } else if let Some((node, _replica)) = rel
+                .strip_prefix(NODES_PREFIX)
+                .and_then(|r| r.split_once('/'))
+            {
+                snap.nodes.insert(node.to_string());
             }
         }
         Ok(snap)
@@ -557,6 +568,67 @@ impl LbStore {
             }
         }
         Err(LbError::Contention(MAX_ATTEMPTS))
+    }
+
+    /// Keeps `lb/nodes/<node>/<replica>` for every node in `connected`
+    /// (the nodes with a stream open to this replica), all bound to one
+    /// lease of this replica: a node that disconnects is removed at once, a
+    /// replica that dies takes its nodes with it when the lease expires.
+    /// Announcers are chosen from these keys, so every replica agrees.
+    pub async fn register_nodes(
+        self,
+        replica: String,
+        mut connected: tokio::sync::watch::Receiver<BTreeSet<String>>,
+    ) {
+        const TTL: i64 = 10;
+        let mut client = self.store.client();
+        loop {
+            let r: Result<(), etcd_client::Error> = async {
+                let lease = client.lease_grant(TTL, None).await?.id();
+                let (mut keeper, mut renewals) = client.lease_keep_alive(lease).await?;
+                let mut written: BTreeSet<String> = BTreeSet::new();
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(3));
+                loop {
+                    let want = connected.borrow_and_update().clone();
+                    for n in want.difference(&written) {
+                        let key = self.store.key(&format!("{NODES_PREFIX}{n}/{replica}"));
+                        client
+                            .put(
+                                key,
+                                b"1".to_vec(),
+                                Some(etcd_client::PutOptions::new().with_lease(lease)),
+                            )
+                            .await?;
+                    }
+                    for n in written.difference(&want) {
+                        let key = self.store.key(&format!("{NODES_PREFIX}{n}/{replica}"));
+                        client.delete(key, None).await?;
+                    }
+                    written = want;
+                    tokio::select! {
+                        r = connected.changed() => if r.is_err() { return Ok(()) },
+                        _ = tick.tick() => {
+                            keeper.keep_alive().await?;
+                            // A lease that expired meanwhile (etcd away): start over.
+                            match renewals.message().await? {
+                                Some(r) if r.ttl() > 0 => {}
+                                _ => return Err(etcd_client::Error::LeaseKeepAliveError(
+                                    "lease expired".into(),
+                                )),
+                            }
+                        }
+                    }
+                }
+            }
+            .await;
+            match r {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "node registration interrupted; re-registering");
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+            }
+        }
     }
 
     /// Sends the revision of every change under `lb/` to `tx`, forever

@@ -80,8 +80,13 @@ impl Replica {
 
     /// Follows the replica's desired-state stream.
     fn follow(&self) -> watch::Receiver<BTreeMap<String, Any>> {
+        self.follow_as("test-node")
+    }
+
+    /// Follows the replica's desired-state stream as node `node`.
+    fn follow_as(&self, node: &str) -> watch::Receiver<BTreeMap<String, Any>> {
         let (tx, rx) = watch::channel(BTreeMap::new());
-        let sub = Subscriber::new("test-node", "lb", self.channel());
+        let sub = Subscriber::new(node, "lb", self.channel());
         tokio::spawn(sub.run(Capture(tx), std::future::pending()));
         rx
     }
@@ -286,4 +291,57 @@ async fn two_replicas_agree_on_services_reject_bad_files_whole_and_never_share_a
     }
     assert_eq!(ports.len(), 50, "50 distinct node ports");
     assert!(ports.iter().all(|p| (30000..=32767).contains(p)));
+}
+
+/// The announcer of the LoadBalancer frontend of `key`, once there is one.
+async fn announcer(rx: &mut watch::Receiver<BTreeMap<String, Any>>, key: &str) -> String {
+    let pick = |s: &BTreeMap<String, Any>| {
+        joined(s, key).and_then(|st| {
+            st.frontends
+                .iter()
+                .find(|f| f.kind == pb::FrontendKind::LoadBalancer as i32)
+                .map(|f| f.announcer.clone())
+        })
+    };
+    let r = tokio::time::timeout(
+        Duration::from_secs(15),
+        rx.wait_for(|s| pick(s).is_some_and(|a| !a.is_empty())),
+    )
+    .await
+    .expect("announced in time")
+    .expect("stream open");
+    pick(&r).expect("present")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_followed_by_different_nodes_agree_on_who_announces_a_load_balancer_address() {
+    let etcd = Etcd::start().await.expect("etcd");
+    let a = Replica::start(&etcd).await;
+    let b = Replica::start(&etcd).await;
+    // node-a follows replica a, node-b replica b: each replica sees one
+    // node connected, but both must pick from both.
+    let mut via_a = a.follow_as("node-a");
+    let mut via_b = b.follow_as("node-b");
+    a.apply(&[service("lb", serde_json::json!({"type": "LoadBalancer"}))])
+        .await
+        .expect("apply");
+    let key = "service/default/lb";
+    // Until both registrations are in etcd the choice may move: wait for
+    // both replicas to publish the same announcer.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (x, y) = (
+            announcer(&mut via_a, key).await,
+            announcer(&mut via_b, key).await,
+        );
+        if x == y {
+            assert!(["node-a", "node-b"].contains(&x.as_str()), "{x}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "replica a says {x}, replica b says {y}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
