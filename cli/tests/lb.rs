@@ -58,6 +58,41 @@ impl Drop for Backends {
     }
 }
 
+/// A 2-node cluster whose pods w1 (node-1), w2 (node-2) and w3 (node-1),
+/// labelled `app=web`, serve as [`Backends`], and a directory for the
+/// test's documents. The servers stop before the cluster goes down.
+struct WebCluster {
+    _backends: Backends,
+    cluster: Cluster,
+    dir: tempfile::TempDir,
+}
+
+impl WebCluster {
+    fn start() -> Self {
+        let cluster = Cluster::new();
+        assert!(cluster.has("membrane-lb"), "this test needs the lb service");
+        cluster.ok(&["up", "--nodes", "2", "--detach"]);
+        for (p, node) in [("w1", "node-1"), ("w2", "node-2"), ("w3", "node-1")] {
+            cluster.ok(&["pod", "run", p, "--node", node, "--labels", "app=web"]);
+        }
+        Self {
+            _backends: Backends::start(&["w1", "w2", "w3"]),
+            cluster,
+            dir: tempfile::tempdir().expect("tmp"),
+        }
+    }
+
+    /// Writes `yaml` to `name` in the test's directory and applies it;
+    /// returns the file's path.
+    fn apply(&self, name: &str, yaml: &str) -> String {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, yaml).expect("write");
+        let path = path.to_str().expect("path").to_string();
+        self.cluster.ok(&["apply", "-f", &path]);
+        path
+    }
+}
+
 /// `n` connections to `ip:port` from inside pod `client` (in its cgroup, as
 /// a process of the pod would), counted by the backend that answered;
 /// refused/failed connections are counted under `!error`.
@@ -169,20 +204,12 @@ fn a_cluster_ip_balances_pods_on_both_nodes_over_its_backends_and_follows_them()
     if !has_root() {
         return;
     }
-    let cluster = Cluster::new();
-    assert!(cluster.has("membrane-lb"), "this test needs the lb service");
-    cluster.ok(&["up", "--nodes", "2", "--detach"]);
-    for (p, node) in [("w1", "node-1"), ("w2", "node-2"), ("w3", "node-1")] {
-        cluster.ok(&["pod", "run", p, "--node", node, "--labels", "app=web"]);
-    }
+    let web = WebCluster::start();
+    let cluster = &web.cluster;
     cluster.ok(&["pod", "run", "c1", "--node", "node-1"]);
     cluster.ok(&["pod", "run", "c2", "--node", "node-2"]);
-    let _backends = Backends::start(&["w1", "w2", "w3"]);
-    let dir = tempfile::tempdir().expect("tmp");
-    let svc = dir.path().join("svc.yaml");
-    std::fs::write(&svc, "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  selector: {app: web}\n  ports:\n  - {name: http, port: 80, targetPort: 8080, protocol: TCP}\n  - {name: echo, port: 90, targetPort: 9090, protocol: TCP}\n").expect("write");
-    cluster.ok(&["apply", "-f", svc.to_str().expect("path")]);
-    let ip = cluster_ip(&cluster);
+    web.apply("svc.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  selector: {app: web}\n  ports:\n  - {name: http, port: 80, targetPort: 8080, protocol: TCP}\n  - {name: echo, port: 90, targetPort: 9090, protocol: TCP}\n");
+    let ip = cluster_ip(cluster);
 
     // 300 connections from pods on both nodes reach all three backends.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -190,7 +217,7 @@ fn a_cluster_ip_balances_pods_on_both_nodes_over_its_backends_and_follows_them()
     loop {
         total.clear();
         for c in ["c1", "c2"] {
-            for (k, v) in connect_many(&cluster, c, &ip, 80, 150) {
+            for (k, v) in connect_many(cluster, c, &ip, 80, 150) {
                 *total.entry(k).or_default() += v;
             }
         }
@@ -214,12 +241,10 @@ fn a_cluster_ip_balances_pods_on_both_nodes_over_its_backends_and_follows_them()
     }
 
     // ClientIP affinity: every connection of a pod goes to one backend.
-    let sticky = dir.path().join("sticky.yaml");
-    std::fs::write(&sticky, "apiVersion: v1\nkind: Service\nmetadata: {name: sticky, namespace: default}\nspec:\n  selector: {app: web}\n  clusterIP: 10.96.200.200\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n  ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP}]\n").expect("write");
-    cluster.ok(&["apply", "-f", sticky.to_str().expect("path")]);
+    let sticky = web.apply("sticky.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: sticky, namespace: default}\nspec:\n  selector: {app: web}\n  clusterIP: 10.96.200.200\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n  ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP}]\n");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let seen = connect_many(&cluster, "c2", "10.96.200.200", 80, 60);
+        let seen = connect_many(cluster, "c2", "10.96.200.200", 80, 60);
         if seen.len() == 1 && seen.keys().all(|k| k.starts_with('w')) {
             assert_eq!(seen.values().sum::<usize>(), 60);
             break;
@@ -227,18 +252,16 @@ fn a_cluster_ip_balances_pods_on_both_nodes_over_its_backends_and_follows_them()
         assert!(Instant::now() < deadline, "not sticky: {seen:?}");
         std::thread::sleep(Duration::from_millis(300));
     }
-    cluster.ok(&["delete", "-f", sticky.to_str().expect("path")]);
+    cluster.ok(&["delete", "-f", &sticky]);
 
     // A connection in flight survives unrelated changes: another backend
     // going, another service coming.
-    let mut held = HeldConnection::open(&cluster, "c1", &ip, 90);
+    let mut held = HeldConnection::open(cluster, "c1", &ip, 90);
     let other = ["w1", "w2", "w3"]
         .into_iter()
         .find(|w| *w != held.backend && *w != "w3")
         .expect("another backend");
-    let extra = dir.path().join("extra.yaml");
-    std::fs::write(&extra, "apiVersion: v1\nkind: Service\nmetadata: {name: other, namespace: default}\nspec:\n  selector: {app: web}\n  ports: [{name: http, port: 81, targetPort: 8080, protocol: TCP}]\n").expect("write");
-    cluster.ok(&["apply", "-f", extra.to_str().expect("path")]);
+    web.apply("extra.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: other, namespace: default}\nspec:\n  selector: {app: web}\n  ports: [{name: http, port: 81, targetPort: 8080, protocol: TCP}]\n");
     cluster.ok(&["pod", "label", other, "app=gone"]);
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
@@ -253,7 +276,7 @@ fn a_cluster_ip_balances_pods_on_both_nodes_over_its_backends_and_follows_them()
     cluster.ok(&["pod", "rm", "w3"]);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let seen = connect_many(&cluster, "c1", &ip, 80, 100);
+        let seen = connect_many(cluster, "c1", &ip, 80, 100);
         if !seen.contains_key("w3") && seen.keys().all(|k| !k.starts_with('!')) {
             assert_eq!(seen.values().sum::<usize>(), 100, "{seen:?}");
             break;
@@ -272,7 +295,7 @@ fn a_cluster_ip_balances_pods_on_both_nodes_over_its_backends_and_follows_them()
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let started = Instant::now();
-        let seen = connect_many(&cluster, "c2", &ip, 80, 5);
+        let seen = connect_many(cluster, "c2", &ip, 80, 5);
         if seen.get("!ConnectionRefusedError") == Some(&5) {
             assert!(
                 started.elapsed() < Duration::from_secs(2),
@@ -316,17 +339,9 @@ fn a_node_port_reached_through_either_node_lands_on_the_same_backend_per_client_
     if !has_root() {
         return;
     }
-    let cluster = Cluster::new();
-    assert!(cluster.has("membrane-lb"), "this test needs the lb service");
-    cluster.ok(&["up", "--nodes", "2", "--detach"]);
-    for (p, node) in [("w1", "node-1"), ("w2", "node-2"), ("w3", "node-1")] {
-        cluster.ok(&["pod", "run", p, "--node", node, "--labels", "app=web"]);
-    }
-    let _backends = Backends::start(&["w1", "w2", "w3"]);
-    let dir = tempfile::tempdir().expect("tmp");
-    let svc = dir.path().join("svc.yaml");
-    std::fs::write(&svc, "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  type: NodePort\n  selector: {app: web}\n  ports:\n  - {name: http, port: 80, targetPort: 8080, nodePort: 30080, protocol: TCP}\n  - {name: echo, port: 90, targetPort: 9090, nodePort: 30090, protocol: TCP}\n").expect("write");
-    cluster.ok(&["apply", "-f", svc.to_str().expect("path")]);
+    let web = WebCluster::start();
+    let cluster = &web.cluster;
+    web.apply("svc.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  type: NodePort\n  selector: {app: web}\n  ports:\n  - {name: http, port: 80, targetPort: 8080, nodePort: 30080, protocol: TCP}\n  - {name: echo, port: 90, targetPort: 9090, nodePort: 30090, protocol: TCP}\n");
 
     // Until programmed on both nodes: every client port answered through both.
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -355,10 +370,10 @@ fn a_node_port_reached_through_either_node_lands_on_the_same_backend_per_client_
         .find(|w| *w != held.backend)
         .expect("another backend");
     cluster.ok(&["pod", "label", other, "app=gone"]);
-    wait_programmed(&cluster);
+    wait_programmed(cluster);
     assert_eq!(held.echo("one"), "one", "the held flow broke");
     cluster.ok(&["pod", "label", other, "app=web"]);
-    wait_programmed(&cluster);
+    wait_programmed(cluster);
     assert_eq!(held.echo("two"), "two", "the held flow broke");
 }
 
@@ -623,22 +638,14 @@ fn a_load_balancer_address_is_announced_and_either_node_sends_a_client_flow_to_t
     if !has_root() {
         return;
     }
-    let cluster = Cluster::new();
-    assert!(cluster.has("membrane-lb"), "this test needs the lb service");
-    cluster.ok(&["up", "--nodes", "2", "--detach"]);
-    for (p, node) in [("w1", "node-1"), ("w2", "node-2"), ("w3", "node-1")] {
-        cluster.ok(&["pod", "run", p, "--node", node, "--labels", "app=web"]);
-    }
-    let _backends = Backends::start(&["w1", "w2", "w3"]);
-    let dir = tempfile::tempdir().expect("tmp");
-    let svc = dir.path().join("svc.yaml");
-    std::fs::write(&svc, "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  type: LoadBalancer\n  selector: {app: web}\n  ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP}]\n").expect("write");
-    cluster.ok(&["apply", "-f", svc.to_str().expect("path")]);
+    let web = WebCluster::start();
+    let cluster = &web.cluster;
+    web.apply("svc.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  type: LoadBalancer\n  selector: {app: web}\n  ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP}]\n");
     // Once both nodes follow the lb stream (the announcer is chosen among
     // the subscribed nodes, so it can move while they connect).
-    load_balancer(&cluster);
-    wait_programmed(&cluster);
-    let (lb_ip, announcer) = load_balancer(&cluster);
+    load_balancer(cluster);
+    wait_programmed(cluster);
+    let (lb_ip, announcer) = load_balancer(cluster);
 
     // Announced: `external` has no route but its on-link /24, so it asks
     // for the address by ARP, and the announcing node answers.
@@ -680,7 +687,7 @@ fn a_load_balancer_address_is_announced_and_either_node_sends_a_client_flow_to_t
 
     // Pods reach the LoadBalancer address too (translated at the socket).
     cluster.ok(&["pod", "run", "c1", "--node", "node-2"]);
-    let from_pod = connect_many(&cluster, "c1", &lb_ip, 80, 30);
+    let from_pod = connect_many(cluster, "c1", &lb_ip, 80, 30);
     assert_eq!(from_pod.values().sum::<usize>(), 30);
     assert!(from_pod.keys().all(|k| k.starts_with('w')), "{from_pod:?}");
 

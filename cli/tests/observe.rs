@@ -21,18 +21,6 @@ fn json(cluster: &Cluster, args: &[&str]) -> Value {
     serde_json::from_str(&cluster.ok(args)).expect("json output")
 }
 
-fn pod_ip(cluster: &Cluster, name: &str) -> String {
-    json(cluster, &["pod", "list", "-o", "json"])["items"]
-        .as_array()
-        .and_then(|a| {
-            a.iter()
-                .find(|p| p["name"] == name && p["namespace"] == "default")
-        })
-        .and_then(|p| p["ip"].as_str())
-        .expect("pod ip")
-        .to_string()
-}
-
 fn endpoint_identity(cluster: &Cluster, ip: &str) -> u64 {
     json(cluster, &["get", "endpoints", "-o", "json"])["items"]
         .as_array()
@@ -83,27 +71,8 @@ fn denied_flows_are_observed_through_the_relay_live_and_status_reports_unavailab
     for needed in ["membrane-relay", "membrane-policy", NODE_BINARY] {
         assert!(cluster.has(needed), "this test needs {needed}");
     }
-    cluster.ok(&["up", "--nodes", "2", "--detach"]);
-    cluster.ok(&[
-        "pod",
-        "run",
-        "server",
-        "--node",
-        "node-1",
-        "--labels",
-        "app=server",
-    ]);
-    cluster.ok(&[
-        "pod",
-        "run",
-        "client",
-        "--node",
-        "node-2",
-        "--labels",
-        "app=client",
-    ]);
-    let server = pod_ip(&cluster, "server");
-    let client = pod_ip(&cluster, "client");
+    let server = cluster.up_with_server_and_client();
+    let client = cluster.pod_ip("client", "default");
     echo_servers_on("pod-default-server", &[80], &[]);
 
     // The relay sees both nodes.
@@ -189,7 +158,7 @@ fn denied_flows_are_observed_through_the_relay_live_and_status_reports_unavailab
         "--labels",
         "app=client",
     ]);
-    let server2 = pod_ip(&cluster, "server2");
+    let server2 = cluster.pod_ip("server2", "default");
     echo_servers_on("pod-default-server2", &[80], &[]);
     let deadline = Instant::now() + Duration::from_secs(10);
     let nodes_with_drops = loop {

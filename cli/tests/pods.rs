@@ -79,17 +79,6 @@ fn round_trips(netns: &str, ip: &str) -> Result<(), String> {
     })
 }
 
-fn pod_ip(cluster: &Cluster, name: &str) -> String {
-    let pods: Value =
-        serde_json::from_str(&cluster.ok(&["pod", "list", "-o", "json"])).expect("json");
-    pods["items"]
-        .as_array()
-        .and_then(|a| a.iter().find(|p| p["name"] == name))
-        .and_then(|p| p["ip"].as_str())
-        .expect("pod ip")
-        .to_string()
-}
-
 fn endpoints(cluster: &Cluster) -> Vec<Value> {
     let v: Value =
         serde_json::from_str(&cluster.ok(&["get", "endpoints", "-o", "json"])).expect("json");
@@ -150,7 +139,7 @@ fn six_pods_on_two_nodes_reach_each_other_and_the_world_over_tcp_and_udp() {
     }
     let mut targets: Vec<(String, String)> = pods
         .iter()
-        .map(|p| (p.to_string(), pod_ip(&cluster, p)))
+        .map(|p| (p.to_string(), cluster.pod_ip(p, "default")))
         .collect();
     for p in pods {
         echo_servers(&format!("pod-default-{p}"));
@@ -256,7 +245,7 @@ fn six_pods_on_two_nodes_reach_each_other_and_the_world_over_tcp_and_udp() {
 
     // `pod rm` releases the address and removes the device, the map entry,
     // the namespace, and the pod's processes with its cgroup.
-    let a3_ip = pod_ip(&cluster, "a3");
+    let a3_ip = cluster.pod_ip("a3", "default");
     let before_devices = lxc_devices("node-1");
     let mut sleeper = cluster
         .command(&["pod", "exec", "a3", "--", "sleep", "300"])
@@ -302,7 +291,7 @@ fn restarting_a_node_datapath_does_not_break_a_running_tcp_stream() {
     cluster.ok(&["up", "--nodes", "2", "--detach"]);
     cluster.ok(&["pod", "run", "client", "--node", "node-1"]);
     cluster.ok(&["pod", "run", "server", "--node", "node-2"]);
-    let server_ip = pod_ip(&cluster, "server");
+    let server_ip = cluster.pod_ip("server", "default");
     let mut server = cluster
         .command(&[
             "pod", "exec", "server", "--", "iperf3", "-s", "-1", "-p", "5201",
@@ -462,8 +451,8 @@ fn in_vxlan_mode_pods_on_different_nodes_talk_through_the_tunnel() {
     cluster.ok(&["up", "--nodes", "2", "--detach", "--routing", "vxlan"]);
     cluster.ok(&["pod", "run", "a", "--node", "node-1"]);
     cluster.ok(&["pod", "run", "b", "--node", "node-2"]);
-    let b = pod_ip(&cluster, "b");
-    let a = pod_ip(&cluster, "a");
+    let b = cluster.pod_ip("b", "default");
+    let a = cluster.pod_ip("a", "default");
     echo_servers("pod-default-b");
     echo_servers("pod-default-a");
     let before = tx_packets("node-1", "mbvx0");

@@ -40,17 +40,6 @@ fn write(dir: &std::path::Path, name: &str, yaml: &str) -> String {
     p.to_string_lossy().into_owned()
 }
 
-fn pod_ip(cluster: &Cluster, name: &str, ns: &str) -> String {
-    let v: serde_json::Value =
-        serde_json::from_str(&cluster.ok(&["pod", "list", "-o", "json"])).expect("json");
-    v["items"]
-        .as_array()
-        .and_then(|a| a.iter().find(|p| p["name"] == name && p["namespace"] == ns))
-        .and_then(|p| p["ip"].as_str())
-        .expect("pod ip")
-        .to_string()
-}
-
 const ALLOW_L4: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: allow-l4, namespace: default}\nspec:\n  endpointSelector: {matchLabels: {app: server}}\n  ingress:\n  - toPorts:\n    - ports: [{port: \"80\", protocol: TCP}, {port: \"81\", protocol: TCP}]\n";
 const ALLOW_L3: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: allow-l3-client, namespace: default}\nspec:\n  endpointSelector: {matchLabels: {app: server}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: client}}]\n";
 const DENY_L4: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: deny-l4-80, namespace: default}\nspec:\n  endpointSelector: {matchLabels: {app: server}}\n  ingressDeny:\n  - toPorts:\n    - ports: [{port: \"80\", protocol: TCP}]\n";
@@ -67,26 +56,7 @@ fn cilium_deny_policies_lockdown_cidr_precedence_network_policy_and_bad_files() 
         cluster.has("membrane-policy"),
         "this test needs the policy service"
     );
-    cluster.ok(&["up", "--nodes", "2", "--detach"]);
-    cluster.ok(&[
-        "pod",
-        "run",
-        "server",
-        "--node",
-        "node-1",
-        "--labels",
-        "app=server",
-    ]);
-    cluster.ok(&[
-        "pod",
-        "run",
-        "client",
-        "--node",
-        "node-2",
-        "--labels",
-        "app=client",
-    ]);
-    let server = pod_ip(&cluster, "server", "default");
+    let server = cluster.up_with_server_and_client();
     echo_servers_on("pod-default-server", &[80, 81], &[53]);
     let dir = tempfile::tempdir().expect("tmp");
     let (allow_l4, allow_l3, deny_l4, deny_l3) = (
@@ -300,7 +270,7 @@ fn cilium_deny_policies_lockdown_cidr_precedence_network_policy_and_bad_files() 
         "--labels",
         "app=client",
     ]);
-    let web = pod_ip(&cluster, "web", "team-a");
+    let web = cluster.pod_ip("web", "team-a");
     echo_servers_on("pod-team-a-web", &[80, 8080], &[]);
     let knp = write(
         dir.path(),
@@ -359,26 +329,7 @@ fn a_restarted_node_keeps_enforcing_policy_while_the_policy_service_is_away() {
         cluster.has("membrane-policy"),
         "this test needs the policy service"
     );
-    cluster.ok(&["up", "--nodes", "2", "--detach"]);
-    cluster.ok(&[
-        "pod",
-        "run",
-        "server",
-        "--node",
-        "node-1",
-        "--labels",
-        "app=server",
-    ]);
-    cluster.ok(&[
-        "pod",
-        "run",
-        "client",
-        "--node",
-        "node-2",
-        "--labels",
-        "app=client",
-    ]);
-    let server = pod_ip(&cluster, "server", "default");
+    let server = cluster.up_with_server_and_client();
     echo_servers_on("pod-default-server", &[80], &[]);
     let dir = tempfile::tempdir().expect("tmp");
     let deny = write(dir.path(), "deny.yaml", DENY_L3);

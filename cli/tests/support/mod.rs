@@ -123,6 +123,34 @@ impl Cluster {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// The address of pod `namespace/name`, as `membrane pod list` reports it.
+    pub fn pod_ip(&self, name: &str, namespace: &str) -> String {
+        let pods: Value =
+            serde_json::from_str(&self.ok(&["pod", "list", "-o", "json"])).expect("json");
+        pods["items"]
+            .as_array()
+            .and_then(|a| {
+                a.iter()
+                    .find(|p| p["name"] == name && p["namespace"] == namespace)
+            })
+            .and_then(|p| p["ip"].as_str())
+            .expect("pod ip")
+            .to_string()
+    }
+
+    /// `up` with two nodes, pod `server` (`app=server`) on node-1 and pod
+    /// `client` (`app=client`) on node-2; returns the server's address.
+    pub fn up_with_server_and_client(&self) -> String {
+        self.ok(&["up", "--nodes", "2", "--detach"]);
+        for (pod, node, labels) in [
+            ("server", "node-1", "app=server"),
+            ("client", "node-2", "app=client"),
+        ] {
+            self.ok(&["pod", "run", pod, "--node", node, "--labels", labels]);
+        }
+        self.pod_ip("server", "default")
+    }
+
     pub fn info(&self) -> Value {
         let bytes = std::fs::read(self.dir().join("cluster.json")).expect("cluster.json");
         serde_json::from_slice(&bytes).expect("cluster.json is json")
