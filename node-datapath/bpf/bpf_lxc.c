@@ -66,7 +66,9 @@ int from_container(struct __sk_buff *ctx)
 	 * judges it there). Replies of a tracked connection always pass.
 	 */
 	if (status != CT_REPLY && (policy_enabled() || status == CT_NEW)) {
-		src_ep = lookup_endpoint(p.tuple.saddr);
+		/* Already found by source verification when that is on. */
+		if (!src_ep)
+			src_ep = lookup_endpoint(p.tuple.saddr);
 		meta.endpoint_id = src_ep ? src_ep->endpoint_id : 0;
 		meta.src_identity = resolve_identity(src_ep, p.tuple.saddr);
 		meta.dst_identity = resolve_identity(dst_ep, p.tuple.daddr);
